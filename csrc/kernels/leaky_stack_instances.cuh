@@ -1,0 +1,41 @@
+// The one list of leaky-stack template instances the CUDA launchers use (X-macros), for the launchers'
+// dispatch and for instantiate_check.cu.
+#pragma once
+
+#include "leaky_stack.cuh"
+#include "leaky_stack_large.cuh"
+
+namespace leakycuda {
+namespace kernels {
+using KindBF16 = KindHalf<__nv_bfloat16>;
+using KindF16 = KindHalf<__half>;
+}  // namespace kernels
+}  // namespace leakycuda
+
+// Width buckets of the small-width sweeps: w <= 64, <= 128, <= 256 (kBucket/32 warps per CTA).
+// Tensor-core kinds: KindTF32 (float32, TF32 allowed), KindBF16, KindF16. Exact cores: float, double.
+// Row tiles: kMT = 1 (16 rows per CTA) everywhere; kMT = 4 (64 rows) for large N, forward only,
+// buckets 64 and 128 (at 256 the fp32 resident tile no longer fits beside the weight ring).
+
+// X(Kind, kBucket, kMT): forward tensor-core sweeps.
+#define LEAKY_STACK_MMA_FWD_INSTANCES(X)                                                        \
+  X(KindTF32, 64, 1) X(KindTF32, 128, 1) X(KindTF32, 256, 1) X(KindTF32, 64, 4) X(KindTF32, 128, 4) \
+  X(KindBF16, 64, 1) X(KindBF16, 128, 1) X(KindBF16, 256, 1) X(KindBF16, 64, 4) X(KindBF16, 128, 4) \
+  X(KindF16, 64, 1) X(KindF16, 128, 1) X(KindF16, 256, 1) X(KindF16, 64, 4) X(KindF16, 128, 4)
+
+// X(Kind, kBucket, kMT): backward tensor-core sweeps.
+#define LEAKY_STACK_MMA_BWD_INSTANCES(X)                                  \
+  X(KindTF32, 64, 1) X(KindTF32, 128, 1) X(KindTF32, 256, 1)               \
+  X(KindBF16, 64, 1) X(KindBF16, 128, 1) X(KindBF16, 256, 1)               \
+  X(KindF16, 64, 1) X(KindF16, 128, 1) X(KindF16, 256, 1)
+
+// X(T, kBucket): exact sweeps, forward and backward.
+#define LEAKY_STACK_FMA_INSTANCES(X) \
+  X(float, 64) X(float, 128) X(float, 256) X(double, 64) X(double, 128) X(double, 256)
+
+// X(T): storage types of the packing, drho and large-width elementwise kernels.
+#define LEAKY_STACK_TYPES(X) X(float) X(double) X(__nv_bfloat16) X(__half)
+
+// X(T, kMma): dW kernels (TF32 tensor cores for float with TF32 and for the half types; exact else).
+#define LEAKY_STACK_DW_INSTANCES(X) \
+  X(float, true) X(float, false) X(double, false) X(__nv_bfloat16, true) X(__half, true)

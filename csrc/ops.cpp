@@ -1,0 +1,144 @@
+// Every leakycuda op schema, the argument checks they share, and the device-independent one-layer op.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "leaky_stack.h"
+
+// `import leakycuda._C` loads this library and so runs the TORCH_LIBRARY registrations below;
+// the module itself is empty (no pybind).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace leakycuda {
+
+namespace {
+
+void check_common(const at::Tensor& x, const char* x_name, const at::Tensor& W,
+                  const at::Tensor& rho, double Lt, bool allow_half) {
+  check_float(x, x_name, allow_half);
+  CHECK_DTYPE(W, "W", x, "x0");
+  CHECK_DTYPE(rho, "rho", x, "x0");
+  CHECK_DEVICE(W, "W", x, "x0");
+  CHECK_DEVICE(rho, "rho", x, "x0");
+  CHECK_FINITE(Lt, "Lt");
+}
+
+}  // namespace
+
+StackDims check_stack_args(const at::Tensor& x0, const at::Tensor& W, const at::Tensor& rho,
+                           double Lt, int64_t checkpoint, bool allow_half) {
+  check_common(x0, "x0", W, rho, Lt, allow_half);
+  CHECK_DIM(x0, "x0", 2, "[N, w]");
+  CHECK_DIM(W, "W", 3, "[L, w, w+1]");
+  const int64_t N = x0.size(0), w = x0.size(1), L = W.size(0);
+  TORCH_CHECK(w >= 1, "x0 must be [N, w] with width w >= 1, got ", shape_str(x0.sizes()));
+  TORCH_CHECK(!(W.size(1) == w && W.size(2) == w), "W must be [L, w, w+1] = ",
+              shape_str({L, w, w + 1}), ", got ", shape_str(W.sizes()),
+              "; the last column is the bias (W_l = [V_l | b_l])");
+  CHECK_SHAPE(W, "W", "[L, w, w+1] with w = x0.size(1)", L, w, w + 1);
+  CHECK_SHAPE(rho, "rho", "[L], one step per layer of W", L);
+  TORCH_CHECK(checkpoint >= 1, "checkpoint must be an interval k >= 1, got ", checkpoint);
+  return {L, N, w};
+}
+
+StackDims check_stack_backward_args(const at::Tensor& grad, const at::Tensor& states,
+                                    const at::Tensor& W, const at::Tensor& rho, double Lt,
+                                    int64_t checkpoint, bool allow_half) {
+  check_common(grad, "grad", W, rho, Lt, allow_half);
+  CHECK_DTYPE(states, "states", grad, "grad");
+  CHECK_DEVICE(states, "states", grad, "grad");
+  CHECK_DIM(W, "W", 3, "[L, w, w+1]");
+  CHECK_DIM(states, "states", 3, "[S, N, w]");
+  const int64_t L = W.size(0), w = W.size(1);
+  TORCH_CHECK(grad.dim() == 2 || grad.dim() == 3,
+              "grad must be [N, w] (of X_L) or [L+1, N, w] (of every X_l), got shape ",
+              shape_str(grad.sizes()));
+  const int64_t N = grad.size(-2);
+  if (grad.dim() == 3) CHECK_SHAPE(grad, "grad", "[L+1, N, w]", L + 1, N, w);
+  else CHECK_SHAPE(grad, "grad", "[N, w]", N, w);
+  CHECK_SHAPE(W, "W", "[L, w, w+1]", L, w, w + 1);
+  CHECK_SHAPE(rho, "rho", "[L]", L);
+  TORCH_CHECK(checkpoint >= 1, "checkpoint must be an interval k >= 1, got ", checkpoint);
+  const int64_t S = num_states(L, checkpoint);
+  TORCH_CHECK(states.size(0) >= S && states.size(1) == N && states.size(2) == w,
+              "states must hold the ceil(L/k) = ", S, " saved representations [", S, "+, ", N,
+              ", ", w, "] (checkpoint k = ", checkpoint, "), got ", shape_str(states.sizes()));
+  return {L, N, w};
+}
+
+void check_rho_values(const at::Tensor& rho) {
+  if (rho.numel() == 0) return;
+  const at::Tensor r = rho.detach().to(at::kCPU, at::kDouble).contiguous();
+  const double* p = r.data_ptr<double>();
+  for (int64_t l = 0; l < r.numel(); ++l) {
+    TORCH_CHECK(std::isfinite(p[l]) && p[l] >= 0.0,
+                "rho must hold finite steps rho_l >= 0, got rho[", l, "] = ", p[l]);
+  }
+}
+
+namespace {
+
+// One leaky residual layer as a one-layer stack; dispatches to the stack op of x's device.
+at::Tensor leaky_layer(const at::Tensor& x, const at::Tensor& W, const at::Tensor& rho, double Lt) {
+  CHECK_DIM(x, "x", 2, "[N, w]");
+  CHECK_DIM(W, "W", 2, "[w, w+1] (one layer's weight; the last column is the bias)");
+  TORCH_CHECK(rho.numel() == 1 && rho.dim() <= 1, "rho must be a single step (a 0-d tensor), got shape ",
+              shape_str(rho.sizes()));
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("leakycuda::leaky_stack", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, double, bool,
+                                                                 int64_t)>();
+  return std::get<0>(op.call(x, W.unsqueeze(0), rho.reshape({1}), Lt, false, 1));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_layer_backward(const at::Tensor& grad,
+                                                                    const at::Tensor& x,
+                                                                    const at::Tensor& W,
+                                                                    const at::Tensor& rho,
+                                                                    double Lt) {
+  CHECK_DIM(x, "x", 2, "[N, w]");
+  CHECK_DIM(W, "W", 2, "[w, w+1]");
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("leakycuda::leaky_stack_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, double, int64_t)>();
+  auto [dx, dW, drho] = op.call(grad, x.unsqueeze(0), W.unsqueeze(0), rho.reshape({1}), Lt, 1);
+  return {dx, dW.squeeze(0), drho.reshape(rho.sizes())};
+}
+
+}  // namespace
+
+}  // namespace leakycuda
+
+TORCH_LIBRARY(leakycuda, m) {
+  // Whole stack: x0 [N,w], W [L,w,w+1], rho [L] -> (out, states).
+  // out is [L+1,N,w] (every X_l) when return_all, else [N,w] (X_L); states holds what backward
+  // needs: X_0, X_k, X_2k, ... (k = checkpoint), [ceil(L/k),N,w], or [0,N,w] when return_all.
+  m.def("leaky_stack(Tensor x0, Tensor W, Tensor rho, float Lt, bool return_all, int checkpoint)"
+        " -> (Tensor, Tensor)");
+  // grad: [N,w] of X_L or [L+1,N,w] of every X_l; states: the forward's states (or its [L+1,N,w]
+  // output with checkpoint 1). Returns (dx0 [N,w], dW [L,w,w+1], drho [L]).
+  m.def("leaky_stack_backward(Tensor grad, Tensor states, Tensor W, Tensor rho, float Lt,"
+        " int checkpoint) -> (Tensor, Tensor, Tensor)");
+  // One layer: x [N,w], W [w,w+1], rho 0-d -> [N,w].
+  m.def("leaky_layer(Tensor x, Tensor W, Tensor rho, float Lt) -> Tensor");
+  m.def("leaky_layer_backward(Tensor grad, Tensor x, Tensor W, Tensor rho, float Lt)"
+        " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(leakycuda, CompositeExplicitAutograd, m) {
+  m.impl("leaky_layer", &leakycuda::leaky_layer);
+  m.impl("leaky_layer_backward", &leakycuda::leaky_layer_backward);
+}
+
+TORCH_LIBRARY_IMPL(leakycuda, CPU, m) {
+  m.impl("leaky_stack", &leakycuda::leaky_stack_cpu);
+  m.impl("leaky_stack_backward", &leakycuda::leaky_stack_backward_cpu);
+}

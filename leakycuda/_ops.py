@@ -1,0 +1,101 @@
+"""Loads the compiled ops (torch.ops.leakycuda.*) and registers their fake and autograd implementations."""
+import torch
+
+_REBUILD = "rebuild it: pip install --no-build-isolation --no-deps --force-reinstall ."
+
+
+def _load():
+    try:
+        from . import _build_info
+    except ImportError:
+        _build_info = None
+    if _build_info is not None:
+        built = (_build_info.torch_version, _build_info.cuda_version)
+        if _build_info.torch_version != torch.__version__ or (
+            _build_info.cuda_version is not None and _build_info.cuda_version != torch.version.cuda
+        ):
+            raise ImportError(
+                "leakycuda was built against torch %s (CUDA %s) but torch %s (CUDA %s) is installed; %s"
+                % (built + (torch.__version__, torch.version.cuda, _REBUILD))
+            )
+    try:
+        from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+    except ImportError as e:
+        raise ImportError("leakycuda's compiled extension could not be loaded (%s); %s" % (e, _REBUILD)) from e
+    return _build_info
+
+
+build_info = _load()
+ops = torch.ops.leakycuda
+
+
+def num_states(L, k):
+    """How many representations the forward keeps for backward at checkpoint interval k."""
+    return -(-L // k)
+
+
+def _check_devices(ref, ref_name, **tensors):
+    """Meta tensors mixed with real ones dispatch here: refuse them as the real kernels would."""
+    for name, t in tensors.items():
+        if t.device != ref.device:
+            raise RuntimeError("%s must be on the same device as %s (%s), got %s" % (name, ref_name, ref.device, t.device))
+
+
+@torch.library.register_fake("leakycuda::leaky_stack")
+def _leaky_stack_fake(x0, W, rho, Lt, return_all, checkpoint):
+    _check_devices(x0, "x0", W=W, rho=rho)
+    L, (N, w) = W.shape[0], x0.shape
+    out = x0.new_empty((L + 1, N, w)) if return_all else x0.new_empty((N, w))
+    states = x0.new_empty((0 if return_all else num_states(L, checkpoint), N, w))
+    return out, states
+
+
+@torch.library.register_fake("leakycuda::leaky_stack_backward")
+def _leaky_stack_backward_fake(grad, states, W, rho, Lt, checkpoint):
+    _check_devices(grad, "grad", states=states, W=W, rho=rho)
+    N, w = grad.shape[-2:]
+    return grad.new_empty((N, w)), torch.empty_like(W), torch.empty_like(rho)
+
+
+@torch.library.register_fake("leakycuda::leaky_layer")
+def _leaky_layer_fake(x, W, rho, Lt):
+    _check_devices(x, "x", W=W, rho=rho)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("leakycuda::leaky_layer_backward")
+def _leaky_layer_backward_fake(grad, x, W, rho, Lt):
+    _check_devices(grad, "grad", x=x, W=W, rho=rho)
+    return torch.empty_like(x), torch.empty_like(W), torch.empty_like(rho)
+
+
+def _leaky_stack_setup(ctx, inputs, output):
+    _, W, rho, Lt, return_all, checkpoint = inputs
+    out, states = output
+    ctx.mark_non_differentiable(states)
+    ctx.Lt = Lt
+    # With every X_l returned, backward reads them from the output itself (interval 1).
+    ctx.k = 1 if return_all else checkpoint
+    ctx.save_for_backward(out if return_all else states, W, rho)
+
+
+def _leaky_stack_grad(ctx, dout, dstates):
+    saved, W, rho = ctx.saved_tensors
+    dx0, dW, drho = ops.leaky_stack_backward(dout, saved, W, rho, ctx.Lt, ctx.k)
+    return dx0, dW, drho, None, None, None
+
+
+def _leaky_layer_setup(ctx, inputs, output):
+    x, W, rho, Lt = inputs
+    ctx.Lt = Lt
+    ctx.save_for_backward(x, W, rho)
+
+
+def _leaky_layer_grad(ctx, grad):
+    x, W, rho = ctx.saved_tensors
+    dx, dW, drho = ops.leaky_layer_backward(grad, x, W, rho, ctx.Lt)
+    return dx, dW, drho, None
+
+
+torch.library.register_autograd("leakycuda::leaky_stack", _leaky_stack_grad, setup_context=_leaky_stack_setup)
+torch.library.register_autograd("leakycuda::leaky_layer", _leaky_layer_grad, setup_context=_leaky_layer_setup)

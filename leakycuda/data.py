@@ -1,0 +1,165 @@
+"""Synthetic teacher tasks with a known bottleneck rank k* (the paper's Figures 1 and 2)."""
+import dataclasses
+import math
+import numbers
+
+import torch
+
+__all__ = ["BottleneckTask", "bottleneck_task"]
+
+TEACHERS = ("fcnn", "resnet")
+
+
+def _random_fcnn(a, b, hidden, gen):
+    """Weights of a random ReLU net R^a -> R^b with the given hidden widths (He-scaled, random biases)."""
+    dims = (a,) + tuple(hidden) + (b,)
+    layers = []
+    for i in range(len(dims) - 1):
+        fan_in, fan_out = dims[i], dims[i + 1]
+        gain = 2.0 if i > 0 else 1.0  # the first layer sees a linear (non-rectified) input
+        A = torch.randn(fan_out, fan_in, generator=gen, dtype=torch.float64) * math.sqrt(gain / fan_in)
+        c = torch.randn(fan_out, generator=gen, dtype=torch.float64) * (0.5 if i < len(dims) - 2 else 0.0)
+        layers.append((A, c))
+    return ("fcnn", layers)
+
+
+def _random_resnet(a, b, hidden, blocks, gen):
+    """Weights of a random ResNet R^a -> R^b: a linear map to R^b, then residual ReLU blocks in R^b."""
+    P = torch.randn(b, a, generator=gen, dtype=torch.float64) / math.sqrt(a)
+    res = []
+    for _ in range(blocks):
+        A = torch.randn(hidden, b, generator=gen, dtype=torch.float64) * math.sqrt(2.0 / b)
+        c = torch.randn(hidden, generator=gen, dtype=torch.float64) * 0.5
+        B = torch.randn(b, hidden, generator=gen, dtype=torch.float64) * math.sqrt(1.0 / hidden)
+        res.append((A, c, B))
+    return ("resnet", (P, res))
+
+
+def _apply(net, z):
+    kind, params = net
+    if kind == "fcnn":
+        for i, (A, c) in enumerate(params):
+            z = z @ A.to(z).T + c.to(z)
+            if i < len(params) - 1:
+                z = torch.relu(z)
+        return z
+    P, res = params
+    z = z @ P.to(z).T
+    for A, c, B in res:
+        z = z + torch.relu(z @ A.to(z).T + c.to(z)) @ B.to(z).T / math.sqrt(len(res))
+    return z
+
+
+@dataclasses.dataclass
+class BottleneckTask:
+    """A regression task y = f*(x) whose teacher f* factors through R^k* (k* = min(inner)).
+
+    Tensors (rows are samples): x_train [n_train, d], y_train [n_train, d], x_test [n_test, d],
+    y_test [n_test, d]. ``rank`` is k*. ``teacher(x)`` maps normalised inputs to normalised outputs
+    (the map the data were drawn from), differentiable, in x's dtype and device.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    d: int
+    inner: tuple
+    seed: int
+    teacher_kind: str
+    _nets: list = dataclasses.field(repr=False, default_factory=list)
+    _norm: tuple = dataclasses.field(repr=False, default=())
+
+    @property
+    def rank(self):
+        """k*, the bottleneck rank of the teacher: the smallest inner dimension."""
+        return min(self.inner)
+
+    def teacher(self, x):
+        """f*(x) for normalised inputs x [N, d] -> normalised outputs [N, d]."""
+        mx, sx, my, sy = (t.to(x) for t in self._norm)
+        z = x * sx + mx
+        for net in self._nets:
+            z = _apply(net, z)
+        return (z - my) / sy
+
+    def to(self, device=None, dtype=None):
+        """A copy with the four data tensors moved/cast (the teacher stays float64 internally)."""
+        move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        return dataclasses.replace(self, x_train=move(self.x_train), y_train=move(self.y_train),
+                                   x_test=move(self.x_test), y_test=move(self.y_test))
+
+    def describe(self):
+        """A plain dict of what the task is (for JSON)."""
+        return {"d": self.d, "inner": list(self.inner), "rank": self.rank, "seed": self.seed,
+                "teacher": self.teacher_kind, "n_train": int(self.x_train.shape[0]),
+                "n_test": int(self.x_test.shape[0])}
+
+
+def _check_int(v, name, low):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ValueError("%s must be an integer >= %d, got %r" % (name, low, v))
+    return int(v)
+
+
+def bottleneck_task(d=30, inner=(3,), n_train=1000, n_test=1000, seed=0, teacher="fcnn", *,
+                    hidden=100, hidden_layers=1, blocks=2, dtype=torch.float32, device=None):
+    """A seeded synthetic task whose teacher has a known bottleneck rank k* = min(inner).
+
+    The teacher is a composition of random networks through the dimensions d -> inner[0] -> ...
+    -> inner[-1] -> d (the paper's Fig. 1: ``inner=(3,)``, d = 30; Fig. 2: ``inner=(6, 3)``,
+    ``teacher="resnet"``):
+
+    - ``teacher="fcnn"``: each map R^a -> R^b is a random ReLU net with ``hidden_layers`` hidden
+      layers of width ``hidden`` (He-scaled Gaussian weights, N(0, 0.25) biases, linear output);
+    - ``teacher="resnet"``: each map is a random ResNet: a Gaussian linear map R^a -> R^b followed
+      by ``blocks`` residual blocks z + relu(z A^T + c) B^T / sqrt(blocks) of hidden width ``hidden``.
+
+    Inputs x ~ N(0, I_d) (n_train + n_test points), outputs y = teacher(x). Both inputs and outputs
+    are demeaned with the training mean and scaled by one number each so that the training points
+    have mean squared norm d (unit variance per coordinate on average); test points get the same
+    affine maps. The Jacobian of the (normalised) teacher has rank k* almost everywhere.
+
+    Everything is drawn from a ``torch.Generator`` seeded with ``seed`` on the CPU in float64, so
+    a seed gives the same task on every machine; the data are then cast to ``dtype`` on ``device``.
+    Returns a :class:`BottleneckTask`.
+    """
+    d = _check_int(d, "d", 1)
+    inner = (inner,) if isinstance(inner, numbers.Integral) else tuple(inner)
+    if not inner:
+        raise ValueError("inner must hold at least one inner dimension (e.g. (3,)), got ()")
+    inner = tuple(_check_int(k, "each inner dimension", 1) for k in inner)
+    n_train = _check_int(n_train, "n_train", 2)
+    n_test = _check_int(n_test, "n_test", 0)
+    seed = _check_int(seed, "seed", 0)
+    hidden = _check_int(hidden, "hidden", 1)
+    blocks = _check_int(blocks, "blocks", 1)
+    hidden_layers = _check_int(hidden_layers, "hidden_layers", 1)
+    if teacher not in TEACHERS:
+        raise ValueError("teacher must be one of %s, got %r" % (", ".join(map(repr, TEACHERS)), teacher))
+
+    gen = torch.Generator().manual_seed(seed)
+    dims = (d,) + inner + (d,)
+    nets = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        if teacher == "fcnn":
+            nets.append(_random_fcnn(a, b, (hidden,) * hidden_layers, gen))
+        else:
+            nets.append(_random_resnet(a, b, hidden, blocks, gen))
+    x = torch.randn(n_train + n_test, d, generator=gen, dtype=torch.float64)
+    z = x
+    for net in nets:
+        z = _apply(net, z)
+
+    def affine(t):
+        mean = t[:n_train].mean(dim=0)
+        scale = ((t[:n_train] - mean).square().sum(dim=1).mean() / d).sqrt().clamp_min(1e-12)
+        return mean, scale
+
+    mx, sx = affine(x)
+    my, sy = affine(z)
+    xn, yn = (x - mx) / sx, (z - my) / sy
+    cast = lambda t: t.to(device=device, dtype=dtype).contiguous()  # noqa: E731
+    return BottleneckTask(x_train=cast(xn[:n_train]), y_train=cast(yn[:n_train]), x_test=cast(xn[n_train:]),
+                          y_test=cast(yn[n_train:]), d=d, inner=inner, seed=seed, teacher_kind=teacher,
+                          _nets=nets, _norm=(mx, sx, my, sy))

@@ -1,0 +1,83 @@
+"""Functional API of the leaky residual layer and stack (DESIGN.md §3); the ops run on CPU or CUDA alike."""
+import math
+import numbers
+
+import torch
+
+from ._ops import ops
+
+
+def _as_rho(rho, like, name):
+    if isinstance(rho, torch.Tensor):
+        return rho
+    return torch.as_tensor(rho, dtype=like.dtype, device=like.device)
+
+
+def _as_Lt(Lt):
+    if isinstance(Lt, torch.Tensor):
+        if Lt.numel() != 1:
+            raise ValueError("Lt must be a single number (the effective depth), got a tensor of shape %s"
+                             % (tuple(Lt.shape),))
+        return float(Lt.item())
+    if not isinstance(Lt, numbers.Real) or isinstance(Lt, bool):
+        raise TypeError("Lt must be a real number (the effective depth), got %r" % (Lt,))
+    return float(Lt)
+
+
+def checkpoint_interval(L, checkpoint):
+    """The interval k between saved representations: None -> 1 (save all), "sqrt" -> ceil(sqrt(L)), int k >= 1."""
+    if checkpoint is None:
+        return 1
+    if isinstance(checkpoint, str):
+        if checkpoint != "sqrt":
+            raise ValueError('checkpoint must be None, "sqrt" or an interval k >= 1, got %r' % (checkpoint,))
+        return max(1, math.ceil(math.sqrt(L)))
+    if isinstance(checkpoint, bool) or not isinstance(checkpoint, numbers.Integral) or checkpoint < 1:
+        raise ValueError('checkpoint must be None, "sqrt" or an interval k >= 1, got %r' % (checkpoint,))
+    return int(checkpoint)
+
+
+def _check_tensor(t, name, shape_hint):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError("%s must be a tensor %s, got %s" % (name, shape_hint, type(t).__name__))
+
+
+def leaky_stack(x0, W, rho, Lt, *, return_all=False, checkpoint=None):
+    """Runs the whole stack X_l = (1 - rho_l*Lt) X_{l-1} + rho_l * sigma(X_{l-1}) @ W_l^T, l = 1..L.
+
+    x0: [N, w] (or [*batch, w]), W: [L, w, w+1] (W_l = [V_l | b_l]), rho: [L] (a tensor of x0's dtype
+    and device, or a sequence of numbers), Lt: the effective depth (a float).
+    Returns X_L [N, w], or every representation [L+1, N, w] when ``return_all``.
+    ``checkpoint``: None saves every representation for backward; an int k saves every k-th and
+    recomputes the segments in backward; "sqrt" picks k = ceil(sqrt(L)).
+    float32 and float64 on CPU (plus float16/bfloat16 on CUDA); differentiable in x0, W and rho.
+    """
+    _check_tensor(x0, "x0", "[N, w]")
+    _check_tensor(W, "W", "[L, w, w+1]")
+    rho = _as_rho(rho, x0, "rho")
+    k = checkpoint_interval(W.shape[0] if W.dim() > 0 else 0, checkpoint)
+    batch = x0.shape[:-1]
+    flat = x0.dim() != 2 and x0.dim() > 0
+    if flat:
+        x0 = x0.reshape(-1, x0.shape[-1])
+    out, _ = ops.leaky_stack(x0, W, rho, _as_Lt(Lt), bool(return_all), k)
+    if flat:
+        out = out.reshape(out.shape[:-2] + batch + out.shape[-1:])
+    return out
+
+
+def leaky_layer(x, W_l, rho_l, Lt):
+    """One leaky residual layer: (1 - rho_l*Lt) x + rho_l * sigma(x) @ W_l^T.
+
+    x: [N, w] (or [*batch, w]), W_l: [w, w+1] (last column the bias), rho_l: a number or 0-d tensor,
+    Lt: the effective depth. Returns [N, w] (x's shape); differentiable in x, W_l and rho_l.
+    """
+    _check_tensor(x, "x", "[N, w]")
+    _check_tensor(W_l, "W_l", "[w, w+1]")
+    rho_l = _as_rho(rho_l, x, "rho_l")
+    shape = x.shape
+    flat = x.dim() != 2 and x.dim() > 0
+    if flat:
+        x = x.reshape(-1, x.shape[-1])
+    out = ops.leaky_layer(x, W_l, rho_l, _as_Lt(Lt))
+    return out.reshape(shape) if flat else out

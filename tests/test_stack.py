@@ -1,0 +1,252 @@
+"""The fused leaky stack and layer ops against the float64 reference: values, every gradient, gradcheck, opcheck, bad input."""
+import math
+import pytest
+import torch
+
+import leakycuda as lc
+from leakycuda import reference as ref
+from leakycuda._ops import ops
+
+def make_stack(N, w, L, *, Lt=3.0, dtype=torch.float64, device="cpu", seed=0, rho="random", scale=1.0):
+    """Random x0 [N,w], W [L,w,w+1] with a He-like scale, and non-uniform steps summing to 1."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(N, w, generator=g, dtype=torch.float64)
+    W = torch.randn(L, w, w + 1, generator=g, dtype=torch.float64) * scale * math.sqrt(2.0 / w)
+    if rho == "random":
+        r = 0.5 + torch.rand(L, generator=g, dtype=torch.float64)
+        r = r / r.sum()
+    else:
+        r = torch.full((L,), 1.0 / L, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (x0, W, r)]
+
+
+def reference_and_grads(x0, W, rho, Lt, gout, return_all):
+    """Float64 reference output and the gradients of <out, gout> in x0, W and rho."""
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (x0, W, rho)]
+    out = ref.leaky_stack(*leaves, Lt, return_all=return_all)
+    grads = torch.autograd.grad(out, leaves, gout.double().cpu())
+    return out.detach(), grads
+
+
+def fused_and_grads(x0, W, rho, Lt, gout, return_all, checkpoint=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (x0, W, rho)]
+    out = lc.leaky_stack(*leaves, Lt, return_all=return_all, checkpoint=checkpoint)
+    grads = torch.autograd.grad(out, leaves, gout.to(out.dtype))
+    return out.detach(), grads
+
+
+def assert_close_to_reference(got, want, same_precision_error=None, name=""):
+    """float64: tight; lower precision: within 4x the error the same-precision reference makes."""
+    got = got.double().cpu()
+    if same_precision_error is None:
+        scale = want.abs().max().item() + 1.0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * scale, msg=name)
+    else:
+        err = (got - want).abs().max().item()
+        bound = 4 * same_precision_error + 1e-6 * (want.abs().max().item() + 1.0)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+
+
+def check_stack(N, w, L, Lt, dtype, device, return_all=False, checkpoint=None, rho="random", scale=1.0):
+    x0, W, r = make_stack(N, w, L, dtype=torch.float64, rho=rho, scale=scale)
+    shape = (L + 1, N, w) if return_all else (N, w)
+    gout = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want, want_grads = reference_and_grads(x0, W, r, Lt, gout, return_all)
+    args = [t.to(device=device, dtype=dtype) for t in (x0, W, r)]
+    got, got_grads = fused_and_grads(*args, Lt, gout.to(device), return_all, checkpoint)
+    assert got.shape == shape and got.dtype == dtype and got.device.type == device
+    errs = [None] * 4
+    if dtype != torch.float64:  # what the reference itself makes at this precision
+        low, low_grads = reference_and_grads(*args, Lt, gout.to(dtype), return_all)
+        errs = [(a.double() - b).abs().max().item() for a, b in zip([low, *low_grads], [want, *want_grads])]
+    assert_close_to_reference(got, want, errs[0], "out")
+    for name, a, b, e in zip(["dx0", "dW", "drho"], got_grads, want_grads, errs[1:]):
+        assert_close_to_reference(a, b, e, name)
+
+
+@pytest.mark.parametrize("L", [1, 20, 300])
+@pytest.mark.parametrize("N", [1, 5, 1000])
+@pytest.mark.parametrize("w", [1, 7, 100, 129])
+def test_stack_matches_reference_float64(w, N, L, device):
+    check_stack(N, w, L, 3.0, torch.float64, device)
+
+
+@pytest.mark.parametrize("N,w,L", [(5, 7, 20), (1000, 100, 20), (5, 129, 300), (1, 1, 1)])
+def test_stack_matches_reference_float32(N, w, L, device):
+    check_stack(N, w, L, 3.0, torch.float32, device)
+
+
+@pytest.mark.parametrize("N,w,L", [(5, 7, 20), (1000, 100, 20), (5, 129, 300)])
+def test_resnet_limit_Lt0(N, w, L, device):
+    check_stack(N, w, L, 0.0, torch.float64, device, scale=0.3)
+
+
+@pytest.mark.parametrize("N,w,L", [(5, 7, 1), (5, 7, 20), (1000, 100, 20)])
+def test_fully_connected_limit(N, w, L, device):
+    # rho_l * Lt = 1: each layer is X_l = rho_l sigma(X_{l-1}) W_l^T; W scaled by L keeps the signal alive.
+    check_stack(N, w, L, float(L), torch.float64, device, rho="equidistant", scale=float(L))
+    x0, W, r = make_stack(N, w, L, rho="equidistant", scale=float(L), device=device)
+    y = lc.leaky_stack(x0, W, r, float(L), return_all=True)
+    for l in range(1, L + 1):
+        want = r[l - 1] * (ref.sigma(y[l - 1]) @ W[l - 1].T)
+        torch.testing.assert_close(y[l], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("checkpoint", [None, 1, 2, 3, "sqrt", 7, 50])
+@pytest.mark.parametrize("return_all", [False, True])
+def test_checkpointing_same_gradients(checkpoint, return_all, device):
+    check_stack(9, 13, 23, 2.0, torch.float64, device, return_all=return_all, checkpoint=checkpoint)
+
+
+def test_checkpoint_saves_fewer_states():
+    x0, W, r = make_stack(4, 5, 100)
+    for k, S in [(1, 100), (10, 10), (7, 15), (100, 1), (1000, 1)]:
+        out, states = ops.leaky_stack(x0, W, r, 1.0, False, k)
+        assert states.shape == (S, 4, 5)
+        torch.testing.assert_close(states, ref.leaky_stack(x0, W, r, 1.0, return_all=True)[::k][:S])
+    assert lc.functional.checkpoint_interval(1000, "sqrt") == 32
+
+
+def test_return_all_matches_every_reference_layer(device):
+    x0, W, r = make_stack(6, 8, 12, device=device)
+    torch.testing.assert_close(lc.leaky_stack(x0, W, r, 2.5, return_all=True),
+                               ref.leaky_stack(x0, W, r, 2.5, return_all=True), rtol=1e-12, atol=1e-12)
+
+
+def test_zero_layers(device):
+    x0, W, r = make_stack(3, 4, 0, device=device)
+    x0.requires_grad_()
+    y = lc.leaky_stack(x0, W, r, 1.0)
+    torch.testing.assert_close(y, x0)
+    assert y.data_ptr() != x0.data_ptr()
+    (g,) = torch.autograd.grad(y.sum(), x0)
+    torch.testing.assert_close(g, torch.ones_like(x0))
+    assert lc.leaky_stack(x0, W, r, 1.0, return_all=True).shape == (1, 3, 4)
+
+
+def test_batch_dims_are_flattened(device):
+    x0, W, r = make_stack(6, 5, 4, device=device)
+    y = lc.leaky_stack(x0.reshape(2, 3, 5), W, r, 1.0, return_all=True)
+    assert y.shape == (5, 2, 3, 5)
+    torch.testing.assert_close(y.reshape(5, 6, 5), ref.leaky_stack(x0, W, r, 1.0, return_all=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_leaky_layer_matches_reference(dtype, device):
+    x, W, r = make_stack(50, 9, 1, dtype=torch.float64)
+    leaves = [x, W[0], r[0].clone()]
+    want = ref.leaky_layer(*[t.requires_grad_() for t in leaves], 2.0)
+    gout = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, leaves, gout)
+    got_leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in leaves]
+    got = lc.leaky_layer(*got_leaves, 2.0)
+    got_grads = torch.autograd.grad(got, got_leaves, gout.to(device=device, dtype=dtype))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double().cpu(), want.detach(), **tol)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.double().cpu(), b, **tol)
+    # rho_l as a plain number
+    torch.testing.assert_close(lc.leaky_layer(got_leaves[0], got_leaves[1], float(r[0]), 2.0), got)
+
+
+@pytest.mark.parametrize("return_all,checkpoint", [(False, 1), (False, 2), (True, 1)])
+def test_gradcheck_stack(return_all, checkpoint, device):
+    x0, W, r = make_stack(3, 4, 5, device=device, seed=3)
+    args = [t.requires_grad_() for t in (x0, W, r)]
+    f = lambda a, b, c: lc.leaky_stack(a, b, c, 1.5, return_all=return_all, checkpoint=checkpoint)
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_gradcheck_layer(device):
+    x0, W, r = make_stack(4, 3, 1, device=device, seed=4)
+    args = [x0.requires_grad_(), W[0].clone().requires_grad_(), r[0].clone().requires_grad_()]
+    assert torch.autograd.gradcheck(lambda a, b, c: lc.leaky_layer(a, b, c, 0.7), args)
+
+
+def opcheck_cases(device):
+    x0, W, r = make_stack(5, 4, 6, device=device, seed=5)
+    out, states = ops.leaky_stack(x0, W, r, 1.0, False, 2)
+    g, g_all = torch.randn_like(out), torch.randn(7, 5, 4, dtype=x0.dtype, device=device)
+    return [
+        (ops.leaky_stack, (x0, W, r, 1.0, False, 1)),
+        (ops.leaky_stack, (x0, W, r, 1.0, False, 2)),
+        (ops.leaky_stack, (x0, W, r, 1.0, True, 1)),
+        (ops.leaky_stack_backward, (g, states, W, r, 1.0, 2)),
+        (ops.leaky_stack_backward, (g_all, torch.randn(7, 5, 4, dtype=x0.dtype, device=device), W, r, 1.0, 1)),
+        (ops.leaky_layer, (x0, W[0], r[0], 1.0)),
+        (ops.leaky_layer_backward, (g, x0, W[0], r[0], 1.0)),
+    ]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad, device):
+    for op, args in opcheck_cases(device):
+        args = tuple(a.clone().requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, args)
+
+
+def test_inputs_are_not_modified(device):
+    x0, W, r = make_stack(7, 6, 9, device=device)
+    before = [t.clone() for t in (x0, W, r)]
+    leaves = [t.requires_grad_() for t in (x0, W, r)]
+    for k in (None, 4):
+        lc.leaky_stack(*leaves, 3.0, checkpoint=k).sum().backward()
+    for a, b in zip(leaves, before):
+        assert torch.equal(a.detach(), b)
+
+
+def test_noncontiguous_and_expanded_inputs(device):
+    x0, W, r = make_stack(6, 5, 4, device=device)
+    xt = x0.T.contiguous().T  # same values, transposed strides
+    assert not xt.is_contiguous()
+    grads = []
+    for fn, x in [(lc.leaky_stack, xt), (ref.leaky_stack, x0)]:
+        # one weight shared by every layer (stride 0) and one step expanded from a scalar
+        leaves = [x.clone().requires_grad_(), W[:1].clone().requires_grad_(),
+                  torch.tensor(0.25, dtype=r.dtype, device=device).requires_grad_()]
+        y = fn(leaves[0], leaves[1].expand(4, 5, 6), leaves[2].expand(4), 2.0)
+        grads.append([y] + list(torch.autograd.grad(y.sum(), leaves)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_batch(device):
+    x0, W, r = make_stack(0, 5, 3, device=device)
+    leaves = [t.requires_grad_() for t in (x0, W, r)]
+    y = lc.leaky_stack(*leaves, 1.0)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert torch.equal(leaves[1].grad, torch.zeros_like(W)) and torch.equal(leaves[2].grad, torch.zeros_like(r))
+    assert lc.leaky_stack(x0, W, r, 1.0, return_all=True).shape == (4, 0, 5)
+
+
+def bad(fn, match, exc=RuntimeError):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_bad_inputs_give_clear_errors():
+    x0, W, r = make_stack(5, 4, 3)
+    f = lambda *a, **k: lc.leaky_stack(*a, **k)
+    bad(lambda: f(x0[0, 0], W, r, 1.0), r"x0 must be \[N, w\] \(2 dimensions\), got shape \[\]")
+    bad(lambda: f(x0, W[0], r, 1.0), r"W must be \[L, w, w\+1\] \(3 dimensions\), got shape \[4, 5\]")
+    bad(lambda: f(x0, torch.randn(3, 5, 6, dtype=x0.dtype), r, 1.0),
+        r"W must be \[L, w, w\+1\] with w = x0.size\(1\) = \[3, 4, 5\], got \[3, 5, 6\]")
+    bad(lambda: f(x0, W[..., :4], r, 1.0), r"W must be \[L, w, w\+1\] = \[3, 4, 5\], got \[3, 4, 4\]; the last column is the bias")
+    bad(lambda: f(x0, W, r[:2], 1.0), r"rho must be \[L\], one step per layer of W = \[3\], got \[2\]")
+    bad(lambda: f(x0, W, r, float("nan")), r"Lt must be finite, got nan")
+    bad(lambda: f(x0, W, r, float("inf")), r"Lt must be finite, got inf")
+    bad(lambda: f(x0, W, torch.tensor([0.5, float("nan"), 0.5], dtype=x0.dtype), 1.0),
+        r"rho must hold finite steps rho_l >= 0, got rho\[1\] = nan")
+    bad(lambda: f(x0, W, torch.tensor([0.5, -0.1, 0.5], dtype=x0.dtype), 1.0), r"got rho\[1\] = -0.1")
+    bad(lambda: f(x0, W.float(), r, 1.0), r"W must have the same dtype as x0 \(Double\), got Float")
+    bad(lambda: f(x0, W, r.float(), 1.0), r"rho must have the same dtype as x0 \(Double\), got Float")
+    bad(lambda: f(x0.long(), W.long(), r.long(), 1.0), r"x0 must be a floating tensor \(float32 or float64 on cpu\), got Long")
+    bad(lambda: f(x0.half(), W.half(), r.half(), 1.0), r"x0 must be a floating tensor .* got Half")
+    bad(lambda: f(x0, W.to("meta"), r, 1.0), r"W must be on the same device as x0 \(cpu\), got meta")
+    bad(lambda: f(x0, W, r, 1.0, checkpoint=0), r"checkpoint must be None, \"sqrt\" or an interval k >= 1, got 0", ValueError)
+    bad(lambda: f(x0, W, r, 1.0, checkpoint="log"), r"checkpoint must be None", ValueError)
+    bad(lambda: f(x0, W, r, "3"), r"Lt must be a real number", TypeError)
+    bad(lambda: f(x0.numpy(), W, r, 1.0), r"x0 must be a tensor \[N, w\], got ndarray", TypeError)
+    bad(lambda: lc.leaky_layer(x0, W, r[0], 1.0), r"W must be \[w, w\+1\] \(one layer's weight; the last column is the bias\) \(2 dimensions\)")
+    bad(lambda: lc.leaky_layer(x0, W[0], r, 1.0), r"rho must be a single step \(a 0-d tensor\), got shape \[3\]")
