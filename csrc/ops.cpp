@@ -1,18 +1,23 @@
 // Every leakycuda op schema, the argument checks they share, and the device-independent one-layer op.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <Python.h>
 #include <torch/library.h>
+#ifndef LEAKYCUDA_NO_PYTHON
+#include <Python.h>
+#endif
 
 #include "checks.h"
+#include "energies.h"
 #include "leaky_stack.h"
 
+#ifndef LEAKYCUDA_NO_PYTHON
 // `import leakycuda._C` loads this library and so runs the TORCH_LIBRARY registrations below;
 // the module itself is empty (no pybind).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif
 
 namespace leakycuda {
 
@@ -131,14 +136,46 @@ TORCH_LIBRARY(leakycuda, m) {
   m.def("leaky_layer(Tensor x, Tensor W, Tensor rho, float Lt) -> Tensor");
   m.def("leaky_layer_backward(Tensor grad, Tensor x, Tensor W, Tensor rho, float Lt)"
         " -> (Tensor, Tensor, Tensor)");
+
+  // --- Cost of Identity, K-norms and energies (csrc/energies.h); S = sigma(X) has p = w+1 columns
+  // (bias) or p = w (bias=False); gamma is [...] or one value > 0, or None for gamma0 * ||S||_op^2.
+  // COI_gamma of X [..., N, w] -> (coi [...], gamma_used [...] f64, Z [..., p, w] f64).
+  m.def("cost_of_identity(Tensor X, Tensor? gamma, float gamma0, bool bias) -> (Tensor, Tensor, Tensor)");
+  // grad [...] of coi; Z, gamma: the forward's. Returns dX [..., N, w] (gamma held fixed).
+  m.def("cost_of_identity_backward(Tensor grad, Tensor X, Tensor Z, Tensor gamma, bool bias) -> Tensor");
+  // Exact COI ||S^+ X||_F^2 (cutoff rcond * sigma_max; None: max(N, p) * eps) -> (coi, residual
+  // ||S S^+ X - X||_F, rank of S int64), each [...]; not differentiable.
+  m.def("cost_of_identity_exact(Tensor X, float? rcond, bool bias) -> (Tensor, Tensor, Tensor)");
+  // ||M||^2_{K(X),gamma} for M [..., N, m] -> (value [...], gamma_used [...] f64, Z [..., p, m] f64).
+  m.def("k_norm2(Tensor M, Tensor X, Tensor? gamma, float gamma0, bool bias) -> (Tensor, Tensor, Tensor)");
+  // Returns (dM, dX) (gamma held fixed).
+  m.def("k_norm2_backward(Tensor grad, Tensor M, Tensor X, Tensor Z, Tensor gamma, bool bias)"
+        " -> (Tensor, Tensor)");
+  // xs [L+1, N, w], rho [L]; per layer l (metric from X_{l-1}) -> (coi, kinetic, potential,
+  // hamiltonian, rank_estimate [L], gamma_used [L] f64, Z [L, p, 2w] f64 kept for backward).
+  m.def("energies(Tensor xs, Tensor rho, float Lt, Tensor? gamma, float gamma0, bool bias)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of the five [L] outputs -> (dxs [L+1, N, w], drho [L]) (gamma held fixed).
+  m.def("energies_backward(Tensor grad_coi, Tensor grad_kinetic, Tensor grad_potential,"
+        " Tensor grad_hamiltonian, Tensor grad_rank, Tensor xs, Tensor rho, float Lt, Tensor Z,"
+        " Tensor gamma, bool bias) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(leakycuda, CompositeExplicitAutograd, m) {
   m.impl("leaky_layer", &leakycuda::leaky_layer);
   m.impl("leaky_layer_backward", &leakycuda::leaky_layer_backward);
+  // Device-generic (ATen SVD): serves CPU and CUDA alike.
+  m.impl("cost_of_identity_exact", &leakycuda::cost_of_identity_exact);
 }
 
 TORCH_LIBRARY_IMPL(leakycuda, CPU, m) {
   m.impl("leaky_stack", &leakycuda::leaky_stack_cpu);
   m.impl("leaky_stack_backward", &leakycuda::leaky_stack_backward_cpu);
+  // Cost of Identity, K-norms and energies (csrc/cpu/energies.cpp).
+  m.impl("cost_of_identity", &leakycuda::cost_of_identity_cpu);
+  m.impl("cost_of_identity_backward", &leakycuda::cost_of_identity_backward_cpu);
+  m.impl("k_norm2", &leakycuda::k_norm2_cpu);
+  m.impl("k_norm2_backward", &leakycuda::k_norm2_backward_cpu);
+  m.impl("energies", &leakycuda::energies_cpu);
+  m.impl("energies_backward", &leakycuda::energies_backward_cpu);
 }

@@ -346,7 +346,7 @@ std::tuple<Tensor, Tensor> leaky_stack_cuda(const Tensor& x0, const Tensor& W, c
                                             bool return_all, int64_t checkpoint) {
   const StackDims dims = check_stack_args(x0, W, rho, Lt, checkpoint, /*allow_half=*/true);
   c10::cuda::CUDAGuard guard(x0.device());
-  if (!capturing()) check_rho_values(rho, Lt);
+  if (!capturing()) check_rho_values(rho);
   const Tensor x = x0.contiguous(), Wc = W.contiguous(), rc = rho.contiguous();
   const int64_t L = dims.L, N = dims.N, w = dims.w, S = return_all ? 0 : num_states(L, checkpoint);
   Tensor out = return_all ? at::empty({L + 1, N, w}, x.options()) : at::empty({N, w}, x.options());
@@ -388,7 +388,7 @@ std::tuple<Tensor, Tensor, Tensor> leaky_stack_backward_cuda(const Tensor& grad,
                                                              const Tensor& rho, double Lt, int64_t checkpoint) {
   const StackDims dims = check_stack_backward_args(grad, states, W, rho, Lt, checkpoint, /*allow_half=*/true);
   c10::cuda::CUDAGuard guard(grad.device());
-  if (!capturing()) check_rho_values(rho, Lt);
+  if (!capturing()) check_rho_values(rho);
   const Tensor g = grad.contiguous(), st = states.contiguous(), Wc = W.contiguous(), rc = rho.contiguous();
   const int64_t L = dims.L, N = dims.N, w = dims.w;
   const bool per_layer = g.dim() == 3;

@@ -1,0 +1,232 @@
+"""CUDA benchmark of the leaky stack (forward+backward): fused op vs eager reference, torch.compile and CUDA-graph replay."""
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+import leakycuda
+from leakycuda import reference
+
+
+def timeit(fn, warmup=3, reps=10):
+    """Median milliseconds of fn() over reps, CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def make_inputs(N, w, L, dtype, Lt=2.0, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x0 = torch.randn(N, w, device="cuda", generator=g).to(dtype).requires_grad_()
+    W = (torch.randn(L, w, w + 1, device="cuda", generator=g) / math.sqrt(w)).to(dtype).requires_grad_()
+    rho = torch.full((L,), 1.0 / L, device="cuda", dtype=dtype, requires_grad=True)
+    gout = torch.randn(N, w, device="cuda", generator=g).to(dtype)
+    return x0, W, rho, Lt, gout
+
+
+def step_fn(stack, x0, W, rho, Lt, gout, **kw):
+    def step():
+        for t in (x0, W, rho):
+            t.grad = None
+        out = stack(x0, W, rho, Lt, **kw)
+        out.backward(gout)
+    return step
+
+
+def graph_of(step):
+    """CUDA-graph capture of one step (static inputs); returns the replay function."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def compiled_stack(L, per_layer):
+    """torch.compile of the reference: the whole stack, or one layer called L times (long stacks)."""
+    mode = "max-autotune-no-cudagraphs"
+    if not per_layer:
+        return torch.compile(reference.leaky_stack, mode=mode)
+    layer = torch.compile(reference.leaky_layer, mode=mode)
+
+    def stack(x0, W, rho, Lt):
+        x = x0
+        for l in range(W.shape[0]):
+            x = layer(x, W[l], rho[l], Lt)
+        return x
+    return stack
+
+
+def stack_flops(N, w, L):
+    """Forward GEMM FLOPs of the stack; forward+backward counts three such GEMMs per layer."""
+    return 2.0 * N * w * (w + 1) * L
+
+
+def bench_small(name, N, w, L, dtype, tf32, args, rows):
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    x0, W, rho, Lt, gout = make_inputs(N, w, L, dtype)
+    res = {"name": name, "N": N, "w": w, "L": L, "dtype": str(dtype), "tf32": tf32}
+    fused = step_fn(leakycuda.leaky_stack, x0, W, rho, Lt, gout)
+    res["fused_ms"] = timeit(fused, reps=args.reps)
+    res["fused_graph_ms"] = timeit(graph_of(fused), reps=args.reps)
+    eager = step_fn(reference.leaky_stack, x0, W, rho, Lt, gout)
+    res["eager_ms"] = timeit(eager, warmup=1, reps=max(3, args.reps // 3))
+    res["eager_graph_ms"] = timeit(graph_of(eager), reps=args.reps)
+    if not args.no_compile:
+        per_layer = L > args.compile_max_layers
+        res["compile_scope"] = "layer" if per_layer else "stack"
+        t0 = time.perf_counter()
+        try:
+            comp = step_fn(compiled_stack(L, per_layer), x0, W, rho, Lt, gout)
+            comp()
+            torch.cuda.synchronize()
+            res["compile_s"] = time.perf_counter() - t0
+            res["compile_ms"] = timeit(comp, warmup=1, reps=max(3, args.reps // 3))
+        except Exception as e:  # recorded, not fatal: the other columns still stand
+            res["compile_error"] = repr(e)[:500]
+    res["fused_us_per_layer"] = 1e3 * res["fused_ms"] / L
+    for k in ("eager_ms", "eager_graph_ms", "compile_ms"):
+        if k in res:
+            res["speedup_vs_" + k[:-3]] = res[k] / res["fused_ms"]
+    res["fwd_bwd_tflops"] = 3 * stack_flops(N, w, L) / (res["fused_ms"] * 1e-3) / 1e12
+    rows.append(res)
+
+
+def bench_rate(name, N, w, L, dtype, args, rows):
+    """Fused fwd+bwd rate against the dense matmul rate torch.matmul reaches in the same run."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    x0, W, rho, Lt, gout = make_inputs(N, w, L, dtype)
+    res = {"name": name, "N": N, "w": w, "L": L, "dtype": str(dtype)}
+    res["fused_ms"] = timeit(step_fn(leakycuda.leaky_stack, x0, W, rho, Lt, gout), reps=args.reps)
+    res["fwd_bwd_tflops"] = 3 * stack_flops(N, w, L) / (res["fused_ms"] * 1e-3) / 1e12
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    ms = timeit(lambda: torch.matmul(a, a), reps=args.reps)
+    res["matmul_8192_tflops"] = 2 * 8192**3 / (ms * 1e-3) / 1e12
+    s = torch.randn(N, w + 1, device="cuda", dtype=dtype)
+    ms = timeit(lambda: torch.matmul(s, W[0].detach().t()), reps=args.reps)
+    res["matmul_same_shape_tflops"] = 2 * N * w * (w + 1) / (ms * 1e-3) / 1e12
+    res["fraction_of_matmul_8192"] = res["fwd_bwd_tflops"] / res["matmul_8192_tflops"]
+    res["fraction_of_matmul_same_shape"] = res["fwd_bwd_tflops"] / res["matmul_same_shape_tflops"]
+    rows.append(res)
+
+
+def bench_large(name, N, w, L, dtype, args, rows):
+    """Large width: fused fwd+bwd against the same 3L GEMMs alone through torch.matmul."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    x0, W, rho, Lt, gout = make_inputs(N, w, L, dtype)
+    res = {"name": name, "N": N, "w": w, "L": L, "dtype": str(dtype)}
+    res["fused_ms"] = timeit(step_fn(leakycuda.leaky_stack, x0, W, rho, Lt, gout), reps=args.reps)
+    S = torch.randn(N, w + 1, device="cuda", dtype=dtype)
+    G = torch.randn(N, w, device="cuda", dtype=dtype)
+    Wd = W.detach()
+
+    def gemms():
+        for l in range(L):
+            torch.matmul(S, Wd[l].t())
+            torch.matmul(G, Wd[l, :, :w])
+            torch.matmul(G.t(), S)
+    res["gemms_ms"] = timeit(gemms, reps=args.reps)
+    res["ratio_to_gemms"] = res["fused_ms"] / res["gemms_ms"]
+    rows.append(res)
+
+
+def bench_checkpoint(name, N, w, L, dtype, args, rows):
+    """checkpoint="sqrt" against full save: activation memory held for backward and step time."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    x0, W, rho, Lt, gout = make_inputs(N, w, L, dtype)
+    res = {"name": name, "N": N, "w": w, "L": L, "dtype": str(dtype)}
+    for label, ck in (("full", None), ("sqrt", "sqrt")):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        out = leakycuda.leaky_stack(x0, W, rho, Lt, checkpoint=ck)
+        torch.cuda.synchronize()
+        res[label + "_activation_bytes"] = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+        del out
+        res[label + "_ms"] = timeit(step_fn(leakycuda.leaky_stack, x0, W, rho, Lt, gout, checkpoint=ck), reps=args.reps)
+    res["sqrt_bound_bytes"] = 3 * math.sqrt(L) * N * w * 4
+    res["sqrt_time_ratio"] = res["sqrt_ms"] / res["full_ms"]
+    rows.append(res)
+
+
+def environment():
+    def run(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return {
+        "device": torch.cuda.get_device_name(),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "driver": run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": run(["git", "rev-parse", "HEAD"]),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="bench_stack_cuda.json")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-max-layers", type=int, default=200,
+                    help="compile the whole stack up to this depth, else one layer called L times")
+    args = ap.parse_args()
+    rows = []
+    s = 10 if args.quick else 1
+    f32, bf16 = torch.float32, torch.bfloat16
+    jobs = [
+        lambda: bench_small("paper_tf32", 1000, 100, 1000 // s, f32, True, args, rows),
+        lambda: bench_small("paper_fp32_exact", 1000, 100, 1000 // s, f32, False, args, rows),
+        lambda: bench_rate("wide_batch_bf16", 65536 // s, 128, 100, bf16, args, rows),
+        lambda: bench_large("large_width_tf32", 32768 // s, 1024, 32, f32, args, rows),
+        lambda: bench_large("large_width_bf16", 32768 // s, 1024, 32, bf16, args, rows),
+        lambda: bench_checkpoint("checkpoint_sqrt", 1000, 100, 1000 // s, f32, args, rows),
+    ]
+    for job in jobs:
+        try:
+            job()
+        except Exception as e:  # one failing config must not hide the others
+            rows.append({"error": repr(e)[:1000]})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"environment": environment(), "results": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print()
+    print("%-20s %10s %10s %12s %12s %12s" % ("config", "fused ms", "us/layer", "x eager", "x compile", "x graph"))
+    for r in rows:
+        if "fused_ms" in r:
+            print("%-20s %10.3f %10.3f %12s %12s %12s" % (
+                r["name"], r["fused_ms"], 1e3 * r["fused_ms"] / r["L"],
+                "%.1f" % r["speedup_vs_eager"] if "speedup_vs_eager" in r else "-",
+                "%.1f" % r["speedup_vs_compile"] if "speedup_vs_compile" in r else "-",
+                "%.1f" % r["speedup_vs_eager_graph"] if "speedup_vs_eager_graph" in r else "-"))
+    for r in rows:
+        extra = {k: v for k, v in r.items() if k.startswith(("fraction", "ratio", "sqrt_", "full_", "compile_s"))}
+        if extra:
+            print(r.get("name"), json.dumps(extra))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""The demo and the sweeps behind the paper's Figures 1 and 2: train, measure, write JSON and PNGs."""
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+
+import torch
+
+from . import plots
+from .data import bottleneck_task
+from .module import LeakyResNet
+from .train import fit
+
+__all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "rank_summary", "run_demo", "run_fig1", "run_fig2",
+           "train_run"]
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """One training run: task, student and the Adam-then-SGD recipe (the paper's appendix by default)."""
+
+    inner: tuple = (3,)
+    teacher: str = "fcnn"
+    n_train: int = 1000
+    n_test: int = 1000
+    width: int = 100
+    depth: int = 20
+    Lt: float = 3.0
+    steps: str = "equidistant"
+    a: float = 0.0
+    init: str = "auto"
+    lam: float = 1e-2
+    adam_steps: int = 5000
+    adam_lr: float = 1e-3
+    sgd_steps: int = 1000
+    sgd_lr: float = 1e-3
+    adapt_every: int = 50
+    gamma0: float = 1e-2
+
+    def resolved_init(self):
+        """ "auto": a random init up to Lt = 8, V_l ≈ Lt*I + noise above (DESIGN.md §1: random inits collapse at large Lt)."""
+        if self.init != "auto":
+            return self.init
+        return "random" if self.Lt <= 8.0 else "identity"
+
+
+# The demo: the 30 -> 3 -> 30 task at Lt = 6, reduced so that it trains in about a minute on 2 CPU cores
+# (paper: width 100, 1000 points, 5000 Adam + 1000 SGD steps).
+DEMO = RunConfig(n_train=500, n_test=500, width=64, depth=20, Lt=6.0, adam_steps=3000, sgd_steps=500)
+
+# Figure 1: the 30 -> 3 -> 30 task, L = 20 equidistant layers, a sweep over Lt.
+FIG1 = {
+    "paper": dict(config=RunConfig(), Lts=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0)),
+    "quick": dict(config=RunConfig(n_train=200, n_test=200, width=32, adam_steps=400, sgd_steps=100),
+                  Lts=(2.0, 6.0)),
+}
+# Figure 2: three random ResNets 30 -> 6 -> 3 -> 30, Lt = 3, a sweep over L and the step schemes.
+FIG2 = {
+    "paper": dict(config=RunConfig(inner=(6, 3), teacher="resnet", Lt=3.0), depths=(4, 8, 16, 32, 64),
+                  schemes=("equidistant", "irregular", "adaptive"), a=0.9),
+    "quick": dict(config=RunConfig(inner=(6, 3), teacher="resnet", Lt=3.0, n_train=200, n_test=200, width=32,
+                                   adam_steps=300, sgd_steps=50), depths=(4, 8),
+                  schemes=("equidistant", "irregular", "adaptive"), a=0.9),
+}
+
+
+def machine_info(device):
+    """Where a run happened (for the JSON)."""
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": str(device)}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def make_task(cfg, seed, device, dtype):
+    return bottleneck_task(d=30, inner=cfg.inner, n_train=cfg.n_train, n_test=cfg.n_test, seed=seed,
+                           teacher=cfg.teacher, dtype=dtype, device=device)
+
+
+def train_run(cfg, seed=0, *, device="cpu", dtype=torch.float32, task=None, progress=None, desc=None,
+              history_path=None, checkpoint_path=None):
+    """Builds the task (seed ``seed``) and a LeakyResNet (init seeded by ``seed``) and fits it; returns (model, task, result)."""
+    if task is None:
+        task = make_task(cfg, seed, device, dtype)
+    torch.manual_seed(1000 + seed)
+    model = LeakyResNet(task.d, task.d, cfg.width, cfg.depth, cfg.Lt, steps=cfg.steps,
+                        a=cfg.a if cfg.steps == "irregular" else 0.0, init=cfg.resolved_init(),
+                        device=device, dtype=dtype)
+    result = fit(model, task, cfg.lam, adam_steps=cfg.adam_steps, adam_lr=cfg.adam_lr, sgd_steps=cfg.sgd_steps,
+                 sgd_lr=cfg.sgd_lr, adapt_every=cfg.adapt_every, log_every=max(1, (cfg.adam_steps + cfg.sgd_steps) // 50),
+                 progress=progress, desc=desc, history_path=history_path, checkpoint_path=checkpoint_path)
+    return model, task, result
+
+
+def _field(res, name):
+    value = res[name] if isinstance(res, dict) else getattr(res, name)
+    return value.detach().double().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(value).double()
+
+
+@torch.no_grad()
+def layer_stats(model, x, gamma0=1e-2, *, top=None):
+    """Per-layer measurements of a trained model on inputs x [N, d_in] (float64 on the CPU, as lists).
+
+    p: the depths p_0..p_L of X_0..X_L; p_mid: the midpoints of the layers (where W_l and the layer
+    energies are drawn); coi, kinetic, potential, hamiltonian, rank_estimate (-2H/Lt), per layer l = 1..L
+    from :func:`leakycuda.energies.energies` (metric from X_{l-1}, gamma_p = gamma0 ||sigma(X_p)||_op^2);
+    sv_x [L+1][k] and sv_w [L][k]: singular values of X_l and W_l.
+    """
+    from .energies import energies
+
+    xs = model.representations(x).detach().double()
+    rho = model.rho.detach().double()
+    e = energies(xs, rho, model.Lt, gamma0=gamma0)
+    p = torch.cat([rho.new_zeros(1), rho.cumsum(0)]).cpu()
+    sv_x = torch.linalg.svdvals(xs).cpu()
+    sv_w = torch.linalg.svdvals(model.weight.detach().double()).cpu()
+    if top is not None:
+        sv_x, sv_w = sv_x[:, :top], sv_w[:, :top]
+    out = {"p": p.tolist(), "p_mid": ((p[1:] + p[:-1]) / 2).tolist(), "rho": rho.cpu().tolist()}
+    for name in ("coi", "kinetic", "potential", "hamiltonian", "rank_estimate"):
+        out[name] = _field(e, name).tolist()
+    out["sv_x"] = sv_x.tolist()
+    out["sv_w"] = sv_w.tolist()
+    return out
+
+
+def rank_summary(stats):
+    """Median, min and max over layers of -2H/Lt, min_l COI, and the integer bottleneck-rank estimate.
+
+    The theory brackets the bottleneck rank: -2H/Lt <= k* <= min_l COI (both tighten as Lt grows).
+    ``rank`` is the integer nearest the middle of [median(-2H/Lt), min COI]; ``bracket_ok`` says
+    whether exactly one integer lies in that interval.
+    """
+    r = torch.tensor(stats["rank_estimate"], dtype=torch.float64)
+    coi = torch.tensor(stats["coi"], dtype=torch.float64)
+    lo, hi = float(r.median()), float(coi.min())
+    ints = [k for k in range(max(0, math.ceil(lo)), math.floor(hi) + 1)] if math.isfinite(lo + hi) else []
+    return {"rank_median": lo, "rank_min": float(r.min()), "rank_max": float(r.max()), "coi_min": hi,
+            "coi_argmin_layer": int(coi.argmin()) + 1, "rank": int(round((lo + hi) / 2)) if math.isfinite(lo + hi) else None,
+            "bracket_ok": len(ints) == 1}
+
+
+def _final(result):
+    f = result.final
+    return {k: f[k] for k in ("loss", "train_mse", "reg", "test_mse")}
+
+
+def _dump(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    return path
+
+
+def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progress=None, log=print):
+    """Trains the demo model, prints the per-layer table and the rank estimate, writes PNGs and JSON to ``out``."""
+    from .diagnostics import analyze
+
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    log("leakycuda demo: task 30 -> %s -> 30 (k* = %d), %d training points; LeakyResNet width %d, L = %d, "
+        "Lt = %g, lam = %g, init %s; %d Adam + %d SGD steps on %s"
+        % (" -> ".join(map(str, cfg.inner)), min(cfg.inner), cfg.n_train, cfg.width, cfg.depth, cfg.Lt, cfg.lam,
+           cfg.resolved_init(), cfg.adam_steps, cfg.sgd_steps, device))
+    model, task, result = train_run(cfg, seed, device=device, dtype=dtype, progress=progress, desc="demo",
+                                    history_path=os.path.join(out, "history.json"))
+    t_train = time.perf_counter() - t0
+    fin = _final(result)
+    log("trained in %.1f s: train MSE %.4g, test MSE %.4g, regularization %.4g"
+        % (t_train, fin["train_mse"], fin["test_mse"], fin["reg"]))
+    report = analyze(model, task.x_train, task.y_train, cfg.lam, gamma0=cfg.gamma0)
+    stats = layer_stats(model, task.x_train, cfg.gamma0)
+    summary = rank_summary(stats)
+    log("")
+    log(report.table())
+    log("")
+    log("bottleneck rank estimate: %s   (median_l -2H/Lt = %.3f <= k* <= min_l COI = %.3f at layer %d; "
+        "teacher's k* = %d)" % (summary["rank"], summary["rank_median"], summary["coi_min"],
+                                summary["coi_argmin_layer"], task.rank))
+    files = {
+        "spectra": plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
+                                      os.path.join(out, "spectra.png"), rank=task.rank,
+                                      title="Lt = %g, L = %d: singular values across depth" % (cfg.Lt, cfg.depth)),
+        "energies": plots.plot_energies(stats["p_mid"], stats["kinetic"], stats["potential"], stats["hamiltonian"],
+                                        os.path.join(out, "energies.png"), title="Lt = %g" % cfg.Lt),
+        "history_plot": plots.plot_history(result.history, os.path.join(out, "history.png")),
+        "history": os.path.join(out, "history.json"),
+    }
+    files["json"] = os.path.join(out, "demo.json")
+    _dump({"config": dataclasses.asdict(cfg), "seed": seed, "task": task.describe(), "machine": machine_info(device),
+           "train_seconds": t_train, "final": fin, "summary": summary, "layers": stats,
+           "diagnostics": json.loads(report.to_json()), "files": files}, files["json"])
+    log("")
+    log("wrote %s" % ", ".join(files[k] for k in ("spectra", "energies", "history_plot", "json")))
+    log("total %.1f s" % (time.perf_counter() - t0))
+    return {"summary": summary, "final": fin, "files": files, "layers": stats}
+
+
+def _seed_list(seeds):
+    return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+
+
+def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,), Lts=None, overrides=None,
+             progress=None, log=print):
+    """Fig. 1a: sweep Lt at L = 20 on the 30 -> 3 -> 30 task; rank estimates and min COI against Lt.
+
+    Writes ``fig1.json`` (config, machine, per run: final losses, rank summary and per-layer stats) and
+    ``fig1a.png`` (plus ``fig1b_Lt<max>.png``, the spectra of the largest Lt, seed 0) to ``out``.
+    """
+    preset = FIG1["quick" if quick else "paper"]
+    cfg = dataclasses.replace(preset["config"], **(overrides or {}))
+    Lts = tuple(float(v) for v in (Lts or preset["Lts"]))
+    seeds = _seed_list(seeds)
+    t0 = time.perf_counter()
+    runs = []
+    for Lt in Lts:
+        for seed in seeds:
+            c = dataclasses.replace(cfg, Lt=Lt)
+            t = time.perf_counter()
+            model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress,
+                                            desc="fig1 Lt=%g seed=%d" % (Lt, seed))
+            stats = layer_stats(model, task.x_train, c.gamma0, top=20)
+            summary = rank_summary(stats)
+            runs.append({"Lt": Lt, "seed": seed, "init": c.resolved_init(), "seconds": time.perf_counter() - t,
+                         "final": _final(result), "summary": summary, "layers": stats})
+            log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  (%.0f s)"
+                % (Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
+                   summary["rank_max"], summary["coi_min"], runs[-1]["seconds"]))
+            if Lt == Lts[-1] and seed == seeds[0]:
+                last = (stats, task.rank, c)
+    grid = lambda key: [[r["summary"][key] for r in runs if r["Lt"] == Lt] for Lt in Lts]  # noqa: E731
+    os.makedirs(out, exist_ok=True)
+    files = {"fig1a": plots.plot_fig1a(Lts, grid("rank_median"), grid("rank_min"), grid("rank_max"), grid("coi_min"),
+                                       os.path.join(out, "fig1a.png"), k_star=min(cfg.inner))}
+    stats, k, c = last
+    files["fig1b"] = plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
+                                        os.path.join(out, "fig1b_Lt%g.png" % c.Lt), rank=k,
+                                        title="Lt = %g, L = %d" % (c.Lt, c.depth))
+    files["fig1c"] = plots.plot_energies(stats["p_mid"], stats["kinetic"], stats["potential"], stats["hamiltonian"],
+                                         os.path.join(out, "fig1c_Lt%g.png" % c.Lt), title="Lt = %g" % c.Lt)
+    files["json"] = _dump({"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts),
+                           "seeds": seeds, "machine": machine_info(device), "seconds": time.perf_counter() - t0,
+                           "runs": runs, "files": files}, os.path.join(out, "fig1.json"))
+    log("fig1: wrote %s (%.0f s)" % (", ".join(files.values()), time.perf_counter() - t0))
+    return {"runs": runs, "files": files}
+
+
+def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,), depths=None, schemes=None,
+             overrides=None, progress=None, log=print):
+    """Fig. 2: Lt = 3 on the 30 -> 6 -> 3 -> 30 ResNet task; test error against L for each step scheme
+    (``fig2a.png``) and the weight spectra across p with the layer positions marked at the largest L
+    (``fig2b.png``); everything in ``fig2.json`` under ``out``."""
+    preset = FIG2["quick" if quick else "paper"]
+    cfg = dataclasses.replace(preset["config"], **(overrides or {}))
+    depths = tuple(int(v) for v in (depths or preset["depths"]))
+    schemes = tuple(schemes or preset["schemes"])
+    seeds = _seed_list(seeds)
+    t0 = time.perf_counter()
+    runs, spectra = [], {}
+    for scheme in schemes:
+        for L in depths:
+            for seed in seeds:
+                c = dataclasses.replace(cfg, depth=L, steps=scheme, a=preset["a"] if scheme == "irregular" else 0.0)
+                t = time.perf_counter()
+                model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress,
+                                                desc="fig2 %s L=%d seed=%d" % (scheme, L, seed))
+                stats = layer_stats(model, task.x_train, c.gamma0, top=20)
+                runs.append({"scheme": scheme, "L": L, "seed": seed, "seconds": time.perf_counter() - t,
+                             "final": _final(result), "summary": rank_summary(stats), "layers": stats})
+                log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  (%.0f s)"
+                    % (scheme, L, seed, result.final["test_mse"], result.final["train_mse"], runs[-1]["seconds"]))
+                if L == depths[-1] and seed == seeds[0]:
+                    spectra[scheme] = (stats["p_mid"], stats["sv_w"])
+    errors = {s: [[r["final"]["test_mse"] for r in runs if r["scheme"] == s and r["L"] == L] for L in depths]
+              for s in schemes}
+    os.makedirs(out, exist_ok=True)
+    files = {"fig2a": plots.plot_fig2a(depths, errors, os.path.join(out, "fig2a.png")),
+             "fig2b": plots.plot_fig2b(spectra, os.path.join(out, "fig2b.png"), rank=min(cfg.inner))}
+    files["json"] = _dump({"figure": "fig2", "quick": quick, "config": dataclasses.asdict(cfg), "depths": list(depths),
+                           "schemes": list(schemes), "a": preset["a"], "seeds": seeds,
+                           "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs,
+                           "test_mse": errors, "files": files}, os.path.join(out, "fig2.json"))
+    log("fig2: wrote %s (%.0f s)" % (", ".join(files.values()), time.perf_counter() - t0))
+    return {"runs": runs, "files": files}
