@@ -1,5 +1,11 @@
-// CPU leaky-stack forward and backward: the layer loop runs here, GEMMs go through ATen, and the
-// elementwise work of each layer is one fused at::parallel_for pass.
+// CPU leaky-stack forward and backward: the layer loop runs in C++ over cache-sized row chunks,
+// GEMMs go through ATen, and each layer's elementwise work is one fused pass over the chunk.
+//
+// The batch is split into a fixed set of row chunks (it depends on N and w only, never on the
+// thread count). Forward: rows are independent, so each chunk runs through all layers on its own
+// while its S = sigma(X) and GEMM output stay in cache. Backward: layer by layer, each chunk forms
+// its share of T = G^T sigma(X_{l-1}) and of <G, X_{l-1}>; the shares are summed in chunk order,
+// so dW and drho are bitwise reproducible.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -14,187 +20,224 @@ namespace leakycuda {
 
 namespace {
 
-// Rows per task of the fused passes, and per partial sum of their reductions. The partials are
-// summed in chunk order, so results do not depend on the number of threads.
-inline int64_t rows_per_chunk(int64_t w) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(w, 1)); }
+// A fixed partition of N rows into `count` chunks of `rows` rows (the last may be shorter): about
+// 16K elements per chunk, and a multiple of 8 chunks when there are several, so that 2, 4 or 8
+// threads share the work evenly.
+struct RowChunks {
+  int64_t rows, count;
+  int64_t begin(int64_t c) const { return c * rows; }
+  int64_t size(int64_t c, int64_t N) const { return std::min(N, (c + 1) * rows) - c * rows; }
+};
 
-// Runs f(row_begin, row_end) -> double over fixed row chunks in parallel; returns the ordered sum.
-template <typename F>
-double parallel_rows_sum(int64_t N, int64_t w, const F& f) {
-  const int64_t R = rows_per_chunk(w);
-  const int64_t chunks = (N + R - 1) / R;
-  std::vector<double> partial(chunks, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) partial[c] = f(c * R, std::min(N, (c + 1) * R));
-  });
-  double total = 0.0;
-  for (double p : partial) total += p;
-  return total;
+RowChunks row_chunks(int64_t N, int64_t w) {
+  const int64_t target = std::max<int64_t>(8, 16384 / std::max<int64_t>(w, 1));
+  int64_t count = (N + target - 1) / target;
+  if (count > 1) count = std::min(N, (count + 7) / 8 * 8);
+  count = std::max<int64_t>(count, 1);
+  const int64_t rows = std::max<int64_t>(1, (N + count - 1) / count);
+  return {rows, (N + rows - 1) / rows};
 }
 
-// S = sigma(X) = [relu(X), 1] as an [N, w+1] buffer; the ones column is written once.
+// Per-chunk [rows, cols] views of a row-major [N, cols] buffer, made once so the layer loops
+// create no tensors.
+std::vector<at::Tensor> chunk_views(const at::Tensor& buf, const RowChunks& ch) {
+  std::vector<at::Tensor> v;
+  const int64_t N = buf.size(0);
+  for (int64_t c = 0; c < ch.count; ++c) v.push_back(buf.narrow(0, ch.begin(c), ch.size(c, N)));
+  return v;
+}
+
+// S = sigma(X) = [relu(X), 1] as an [n, w+1] buffer; the ones column is written once.
 template <typename scalar_t>
-void fill_ones_column(scalar_t* S, int64_t N, int64_t w) {
-  for (int64_t i = 0; i < N; ++i) S[i * (w + 1) + w] = scalar_t(1);
+void fill_ones_column(scalar_t* S, int64_t n, int64_t w) {
+  for (int64_t i = 0; i < n; ++i) S[i * (w + 1) + w] = scalar_t(1);
 }
 
 template <typename scalar_t>
-void relu_into(const scalar_t* X, scalar_t* S, int64_t N, int64_t w) {
-  at::parallel_for(0, N, rows_per_chunk(w), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t* x = X + i * w;
-      scalar_t* s = S + i * (w + 1);
-      for (int64_t j = 0; j < w; ++j) s[j] = x[j] > scalar_t(0) ? x[j] : scalar_t(0);
-    }
-  });
+void relu_rows(const scalar_t* X, scalar_t* S, int64_t n, int64_t w) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* x = X + i * w;
+    scalar_t* s = S + i * (w + 1);
+    for (int64_t j = 0; j < w; ++j) s[j] = x[j] > scalar_t(0) ? x[j] : scalar_t(0);
+  }
 }
 
 // Forward epilogue of one layer: Xn = c*X + r*P (P = sigma(X) W^T, bias included) and S = sigma(Xn).
 template <typename scalar_t>
-void leak_relu_pass(const scalar_t* X, const scalar_t* P, scalar_t* Xn, scalar_t* S, int64_t N,
+void leak_relu_rows(const scalar_t* X, const scalar_t* P, scalar_t* Xn, scalar_t* S, int64_t n,
                     int64_t w, scalar_t c, scalar_t r) {
-  at::parallel_for(0, N, rows_per_chunk(w), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t* x = X + i * w;
-      const scalar_t* p = P + i * w;
-      scalar_t* xn = Xn + i * w;
-      scalar_t* s = S + i * (w + 1);
-      for (int64_t j = 0; j < w; ++j) {
-        const scalar_t v = c * x[j] + r * p[j];
-        xn[j] = v;
-        s[j] = v > scalar_t(0) ? v : scalar_t(0);
-      }
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* x = X + i * w;
+    const scalar_t* p = P + i * w;
+    scalar_t* xn = Xn + i * w;
+    scalar_t* s = S + i * (w + 1);
+    for (int64_t j = 0; j < w; ++j) {
+      const scalar_t v = c * x[j] + r * p[j];
+      xn[j] = v;
+      s[j] = v > scalar_t(0) ? v : scalar_t(0);
     }
-  });
+  }
 }
 
 // Backward epilogue of one layer, in place on G: G <- c*G + r*U*1[X > 0] (+ extra, the loss
 // gradient of X_{l-1} when every representation is an output). Returns <G_in, X> for drho.
 template <typename scalar_t>
-double mask_leak_pass(scalar_t* G, const scalar_t* U, const scalar_t* X, const scalar_t* extra,
-                      int64_t N, int64_t w, scalar_t c, scalar_t r) {
-  return parallel_rows_sum(N, w, [&](int64_t i0, int64_t i1) {
-    double dot = 0.0;
-    for (int64_t i = i0; i < i1; ++i) {
-      scalar_t* g = G + i * w;
-      const scalar_t* u = U + i * w;
-      const scalar_t* x = X + i * w;
-      const scalar_t* e = extra ? extra + i * w : nullptr;
-      for (int64_t j = 0; j < w; ++j) {
-        dot += double(g[j]) * double(x[j]);
-        scalar_t v = c * g[j] + (x[j] > scalar_t(0) ? r * u[j] : scalar_t(0));
-        if (e) v += e[j];
-        g[j] = v;
-      }
-    }
-    return dot;
-  });
-}
-
-// dW_l = r * T, and returns <T, W_l> (in double, in a fixed order) for drho.
-template <typename scalar_t>
-double scale_and_dot(const scalar_t* T, const scalar_t* Wl, scalar_t* dWl, int64_t n, double r) {
+double mask_leak_rows(scalar_t* G, const scalar_t* U, const scalar_t* X, const scalar_t* extra,
+                      int64_t n, int64_t w, scalar_t c, scalar_t r) {
   double dot = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    dot += double(T[i]) * double(Wl[i]);
-    dWl[i] = scalar_t(r * double(T[i]));
+  for (int64_t i = 0; i < n * w; ++i) {
+    dot += double(G[i]) * double(X[i]);
+    scalar_t v = c * G[i] + (X[i] > scalar_t(0) ? r * U[i] : scalar_t(0));
+    if (extra) v += extra[i];
+    G[i] = v;
   }
   return dot;
 }
 
-// Runs layers [l0, l1) of the stack from X_{l0} = X. dest(l) names where X_l (l in (l0, l1]) goes;
-// S and P are [N, w+1] / [N, w] work buffers (S's ones column already set).
-template <typename scalar_t, typename Dest>
-void forward_layers(const scalar_t* X, const at::Tensor& W, const scalar_t* rho, double Lt,
-                    int64_t l0, int64_t l1, at::Tensor& S, at::Tensor& P, const Dest& dest) {
-  const int64_t N = P.size(0), w = P.size(1);
-  scalar_t* Sp = S.data_ptr<scalar_t>();
-  relu_into(X, Sp, N, w);
-  for (int64_t l = l0; l < l1; ++l) {
-    at::mm_out(P, S, W[l].t());
-    scalar_t* Xn = dest(l + 1);
-    const double r = double(rho[l]);
-    leak_relu_pass(X, P.data_ptr<scalar_t>(), Xn, Sp, N, w, scalar_t(1.0 - r * Lt), scalar_t(r));
-    X = Xn;
+// The stack's inputs and the per-chunk work buffers shared by forward and backward.
+template <typename scalar_t>
+struct Stack {
+  int64_t L, N, w;
+  double Lt;
+  const scalar_t* rho;
+  RowChunks ch;
+  std::vector<at::Tensor> Wt, V;  // per layer: W_l^T [w+1, w] and V_l [w, w] (views)
+  at::Tensor S, P;                // [N, w+1] sigma(X) and [N, w] GEMM output, split by chunk
+  std::vector<at::Tensor> S_c, P_c;
+
+  Stack(const at::Tensor& W, const at::Tensor& rho_t, double Lt_, int64_t N_, const at::TensorOptions& opt)
+      : L(W.size(0)), N(N_), w(W.size(1)), Lt(Lt_), rho(rho_t.data_ptr<scalar_t>()), ch(row_chunks(N_, W.size(1))) {
+    for (int64_t l = 0; l < L; ++l) {
+      Wt.push_back(W[l].t());
+      V.push_back(W[l].narrow(1, 0, w));
+    }
+    S = at::empty({N, w + 1}, opt);
+    P = at::empty({N, w}, opt);
+    fill_ones_column(S.data_ptr<scalar_t>(), N, w);
+    S_c = chunk_views(S, ch);
+    P_c = chunk_views(P, ch);
   }
-}
+
+  // Runs layers [l0, l1) for chunk c from X_{l0} (rows of the chunk at X); dest(l) is the base of
+  // the [N, w] array that receives X_l.
+  template <typename Dest>
+  void forward_chunk(int64_t c, const scalar_t* X, int64_t l0, int64_t l1, const Dest& dest) {
+    const int64_t r0 = ch.begin(c), n = ch.size(c, N);
+    scalar_t* Sp = S.data_ptr<scalar_t>() + r0 * (w + 1);
+    const scalar_t* Pp = P.data_ptr<scalar_t>() + r0 * w;
+    relu_rows(X, Sp, n, w);
+    for (int64_t l = l0; l < l1; ++l) {
+      at::mm_out(P_c[c], S_c[c], Wt[l]);
+      scalar_t* Xn = dest(l + 1) + r0 * w;
+      const double r = double(rho[l]);
+      leak_relu_rows(X, Pp, Xn, Sp, n, w, scalar_t(1.0 - r * Lt), scalar_t(r));
+      X = Xn;
+    }
+  }
+
+  // forward_chunk for every chunk in parallel, X0 the base of the [N, w] array holding X_{l0}.
+  template <typename Dest>
+  void forward(const scalar_t* X0, int64_t l0, int64_t l1, const Dest& dest) {
+    at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) forward_chunk(c, X0 + ch.begin(c) * w, l0, l1, dest);
+    });
+  }
+};
 
 template <typename scalar_t>
 void stack_forward(const at::Tensor& x0, const at::Tensor& W, const at::Tensor& rho, double Lt,
                    bool return_all, int64_t k, at::Tensor& out, at::Tensor& states) {
-  const int64_t L = W.size(0), N = x0.size(0), w = x0.size(1);
-  const scalar_t* r = rho.data_ptr<scalar_t>();
-  at::Tensor S = at::empty({N, w + 1}, x0.options());
-  at::Tensor P = at::empty({N, w}, x0.options());
-  fill_ones_column(S.data_ptr<scalar_t>(), N, w);
+  const int64_t N = x0.size(0), w = x0.size(1);
+  Stack<scalar_t> st(W, rho, Lt, N, x0.options());
+  const int64_t L = st.L;
   if (return_all) {
     out[0].copy_(x0);
     scalar_t* base = out.data_ptr<scalar_t>();
-    forward_layers<scalar_t>(base, W, r, Lt, 0, L, S, P, [&](int64_t l) { return base + l * N * w; });
+    st.forward(base, 0, L, [&](int64_t l) { return base + l * N * w; });
+    return;
+  }
+  if (L == 0) {
+    out.copy_(x0);
     return;
   }
   // Every k-th representation lands in states, X_L in out, the rest alternate between two buffers.
-  at::Tensor pingpong = at::empty({2, N, w}, x0.options());
+  at::Tensor pingpong = at::empty({k > 1 ? 2 : 0, N, w}, x0.options());
   scalar_t* sbase = states.data_ptr<scalar_t>();
   scalar_t* pbase = pingpong.data_ptr<scalar_t>();
-  const scalar_t* X = x0.data_ptr<scalar_t>();
-  if (L > 0) {
-    states[0].copy_(x0);
-    X = sbase;
-  }
-  forward_layers<scalar_t>(X, W, r, Lt, 0, L, S, P, [&](int64_t l) {
+  states[0].copy_(x0);
+  st.forward(sbase, 0, L, [&](int64_t l) {
     if (l == L) return out.data_ptr<scalar_t>();
     if (l % k == 0) return sbase + (l / k) * N * w;
     return pbase + (l % 2) * N * w;
   });
-  if (L == 0) out.copy_(x0);
 }
 
 template <typename scalar_t>
 void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::Tensor& W,
                     const at::Tensor& rho, double Lt, int64_t k, at::Tensor& dx0, at::Tensor& dW,
                     at::Tensor& drho) {
-  const int64_t L = W.size(0), w = W.size(1), N = dx0.size(0);
+  const int64_t N = dx0.size(0), w = W.size(1);
   const bool per_layer = grad.dim() == 3;
-  const scalar_t* r = rho.data_ptr<scalar_t>();
-  scalar_t* dr = drho.data_ptr<scalar_t>();
   // dx0 doubles as the running gradient G = dC/dX_l.
-  dx0.copy_(per_layer ? grad[L] : grad);
-  if (L == 0) return;
+  dx0.copy_(per_layer ? grad[W.size(0)] : grad);
+  if (W.size(0) == 0) return;
+  Stack<scalar_t> st(W, rho, Lt, N, grad.options());
+  const int64_t L = st.L, count = st.ch.count;
   scalar_t* G = dx0.data_ptr<scalar_t>();
   const scalar_t* gbase = per_layer ? grad.data_ptr<scalar_t>() : nullptr;
-
-  at::Tensor S = at::empty({N, w + 1}, grad.options());
-  at::Tensor P = at::empty({N, w}, grad.options());
-  at::Tensor T = at::empty({w, w + 1}, grad.options());
-  fill_ones_column(S.data_ptr<scalar_t>(), N, w);
+  std::vector<at::Tensor> G_c = chunk_views(dx0, st.ch), G_cT, T_c;
+  // T_c[c] = chunk c's share of T = G^T sigma(X_{l-1}); gx[c] its share of <G, X_{l-1}>.
+  at::Tensor Tp = at::empty({count, w, w + 1}, grad.options());
+  for (int64_t c = 0; c < count; ++c) G_cT.push_back(G_c[c].t()), T_c.push_back(Tp[c]);
+  std::vector<double> gx(count);
   // seg[i] holds the recomputed X_{s+i} of the current segment (i >= 1); X_s comes from states.
   at::Tensor seg = at::empty({k > 1 ? k : 0, N, w}, grad.options());
   const scalar_t* sbase = states.data_ptr<scalar_t>();
   scalar_t* segp = seg.data_ptr<scalar_t>();
-  const at::Tensor G_t = dx0;  // [N, w] view of the running gradient for the GEMMs
+  scalar_t* dWp = dW.data_ptr<scalar_t>();
+  const scalar_t* Wp = W.data_ptr<scalar_t>();
+  const scalar_t* Tpp = Tp.data_ptr<scalar_t>();
+  const int64_t WW = w * (w + 1);
 
   for (int64_t j = num_states(L, k) - 1; j >= 0; --j) {
     const int64_t s = j * k, e = std::min(L, s + k);
     const scalar_t* Xs = sbase + j * N * w;
-    auto X_at = [&](int64_t l) { return l == s ? Xs : segp + (l - s) * N * w; };
-    if (e - s > 1) {
-      forward_layers<scalar_t>(Xs, W, r, Lt, s, e - 1, S, P,
-                               [&](int64_t l) { return segp + (l - s) * N * w; });
-    }
+    if (e - s > 1) st.forward(Xs, s, e - 1, [&](int64_t l) { return segp + (l - s) * N * w; });
     for (int64_t l = e; l > s; --l) {
-      const scalar_t* Xp = X_at(l - 1);
-      const at::Tensor Wl = W[l - 1];
-      relu_into(Xp, S.data_ptr<scalar_t>(), N, w);
-      at::mm_out(T, G_t.t(), S);  // T = G^T sigma(X_{l-1}), [w, w+1]
-      const double rl = double(r[l - 1]);
-      const double tw = scale_and_dot(T.data_ptr<scalar_t>(), Wl.data_ptr<scalar_t>(),
-                                      dW[l - 1].data_ptr<scalar_t>(), w * (w + 1), rl);
-      at::mm_out(P, G_t, Wl.narrow(1, 0, w));  // U = G V_l
+      const scalar_t* Xp = l - 1 == s ? Xs : segp + (l - 1 - s) * N * w;
+      const double rl = double(st.rho[l - 1]);
       const scalar_t* extra = per_layer ? gbase + (l - 1) * N * w : nullptr;
-      const double gx = mask_leak_pass(G, P.data_ptr<scalar_t>(), Xp, extra, N, w,
-                                       scalar_t(1.0 - rl * Lt), scalar_t(rl));
-      dr[l - 1] = scalar_t(tw - Lt * gx);
+      at::parallel_for(0, count, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t r0 = st.ch.begin(c), n = st.ch.size(c, N);
+          relu_rows(Xp + r0 * w, st.S.template data_ptr<scalar_t>() + r0 * (w + 1), n, w);
+          at::mm_out(T_c[c], G_cT[c], st.S_c[c]);
+          at::mm_out(st.P_c[c], G_c[c], st.V[l - 1]);  // U = G V_l
+          gx[c] = mask_leak_rows(G + r0 * w, st.P.template data_ptr<scalar_t>() + r0 * w, Xp + r0 * w,
+                                 extra ? extra + r0 * w : nullptr, n, w, scalar_t(1.0 - rl * Lt), scalar_t(rl));
+        }
+      });
+      // dW_l = rho_l * sum_c Tp[c] and <T, W_l>, over fixed element blocks, chunks in order.
+      const int64_t B = 4096, nb = (WW + B - 1) / B;
+      std::vector<double> tw(nb);
+      scalar_t* dWl = dWp + (l - 1) * WW;
+      const scalar_t* Wl = Wp + (l - 1) * WW;
+      at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          double dot = 0.0;
+          for (int64_t i = b * B; i < std::min(WW, (b + 1) * B); ++i) {
+            double t = 0.0;
+            for (int64_t c = 0; c < count; ++c) t += double(Tpp[c * WW + i]);
+            dot += t * double(Wl[i]);
+            dWl[i] = scalar_t(rl * t);
+          }
+          tw[b] = dot;
+        }
+      });
+      double twsum = 0.0, gxsum = 0.0;
+      for (double v : tw) twsum += v;
+      for (double v : gx) gxsum += v;
+      drho.data_ptr<scalar_t>()[l - 1] = scalar_t(twsum - Lt * gxsum);
     }
   }
 }
