@@ -1,6 +1,12 @@
 // Declarations shared by the Cost-of-Identity / K-norm / energies ops: argument checks, the
 // device-generic small solves (ATen only, so a CUDA launcher can call them between its own fused
 // passes), and the CPU kernels.
+//
+// CUDA slot-in: register TORCH_LIBRARY_IMPL(leakycuda, CUDA) for cost_of_identity(_backward),
+// k_norm2(_backward) and energies(_backward) with the same output contract as the CPU kernels
+// (values in the input dtype; gamma_used and Z float64, Z = (S^T S + gamma I)^{-1} S^T M laid out
+// [B, p, blocks * m]); reuse the check_* functions, resolve_gamma and solve_spd (batched on CUDA).
+// cost_of_identity_exact is CompositeExplicitAutograd and already runs on CUDA.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -56,7 +56,7 @@ def _add_run_options(p, defaults):
     g.add_argument("--n-train", type=int, help="training points")
     g.add_argument("--n-test", type=int, help="test points")
     g.add_argument("--init", choices=("auto", "random", "identity"),
-                   help="weight init (auto: random up to Lt = 8, identity above)")
+                   help="weight init (auto: random below Lt = 8, identity from 8 on)")
     g.add_argument("--gamma0", type=float, help="relative ridge gamma0 of the COI / K-norms")
 
 
@@ -140,7 +140,8 @@ def _builtin_bench(device, dtype, repeat):
 def _cmd_bench(args):
     folder = _bench_dir()
     if folder is not None and not args.builtin:
-        cmd = [sys.executable, os.path.join(folder, "bench_stack.py")] + args.rest
+        cmd = [sys.executable, os.path.join(folder, "bench_stack.py"), "--device", args.device, "--dtype", args.dtype]
+        cmd += args.rest
         print("running %s" % " ".join(cmd))
         return subprocess.call(cmd)
     _builtin_bench(_device(args.device), _dtype(args.dtype), args.repeat)
@@ -204,7 +205,7 @@ def build_parser():
     d.add_argument("--Lt", type=float, help="effective depth (default 6)")
     d.add_argument("--depth", type=int, help="number of layers L (default 20)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_run_options(d, "width 64, 500 points, 3000 Adam + 500 SGD steps, lam 1e-2")
+    _add_run_options(d, "width 64, 500 points, 5000 Adam + 1000 SGD steps, lam 1e-2")
     d.set_defaults(func=_cmd_demo)
 
     r = sub.add_parser("reproduce", help="the paper's Figure 1 (sweep Lt) or Figure 2 (sweep L and step schemes)")
@@ -221,12 +222,12 @@ def build_parser():
     _add_run_options(r, "the paper's: width 100, 1000 points, 5000 Adam + 1000 SGD steps, lam 1e-2")
     r.set_defaults(func=_cmd_reproduce)
 
-    b = sub.add_parser("bench", help="run bench/bench_stack.py when present, else a short built-in timing")
+    b = sub.add_parser("bench", help="run bench/bench_stack.py when present (other options, e.g. --quick, are passed "
+                                     "on to it), else a short built-in timing")
     b.add_argument("--builtin", action="store_true", help="the built-in timing even when bench/ is present")
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    b.add_argument("--repeat", type=int, default=5)
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed on to bench/bench_stack.py")
+    b.add_argument("--repeat", type=int, default=5, help="built-in timing: repetitions")
     b.set_defaults(func=_cmd_bench)
 
     i = sub.add_parser("info", help="versions, build, devices, compiled kernels")
@@ -236,7 +237,11 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error("unrecognized arguments: %s" % " ".join(rest))
+    args.rest = rest
     return args.func(args)
 
 

@@ -13,7 +13,7 @@ from .data import bottleneck_task
 from .module import LeakyResNet
 from .train import fit
 
-__all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "rank_summary", "run_demo", "run_fig1", "run_fig2",
+__all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "run_demo", "run_fig1", "run_fig2",
            "train_run"]
 
 
@@ -40,15 +40,19 @@ class RunConfig:
     gamma0: float = 1e-2
 
     def resolved_init(self):
-        """ "auto": a random init up to Lt = 8, V_l ≈ Lt*I + noise above (DESIGN.md §1: random inits collapse at large Lt)."""
+        """ "auto": a random init below Lt = 8, V_l ≈ Lt*I + noise from Lt = 8 on.
+
+        DESIGN.md §1: random inits collapse to all-zero weights at large Lt (seen here at Lt = 8 with
+        width 48), the identity init trains there but keeps more large singular values.
+        """
         if self.init != "auto":
             return self.init
-        return "random" if self.Lt <= 8.0 else "identity"
+        return "random" if self.Lt < 8.0 else "identity"
 
 
-# The demo: the 30 -> 3 -> 30 task at Lt = 6, reduced so that it trains in about a minute on 2 CPU cores
-# (paper: width 100, 1000 points, 5000 Adam + 1000 SGD steps).
-DEMO = RunConfig(n_train=500, n_test=500, width=64, depth=20, Lt=6.0, adam_steps=3000, sgd_steps=500)
+# The demo: the 30 -> 3 -> 30 task at Lt = 6 with the paper's step counts (5000 Adam + 1000 SGD), reduced
+# to width 64 and 500 training points (paper: 100 and 1000) so that it runs in under a minute on 2 CPU cores.
+DEMO = RunConfig(n_train=500, n_test=500, width=64, depth=20, Lt=6.0)
 
 # Figure 1: the 30 -> 3 -> 30 task, L = 20 equidistant layers, a sweep over Lt.
 FIG1 = {
@@ -144,6 +148,29 @@ def rank_summary(stats):
             "bracket_ok": len(ints) == 1}
 
 
+def layer_table(report):
+    """A compact aligned table of a :class:`leakycuda.diagnostics.Analysis`: one row per layer l = 1..L.
+
+    COI_g: the stable COI_gamma(X_{l-1}); COI: the exact COI of X_{l-1} (* where the theory calls it
+    infinite); KE, V, H: kinetic, potential and Hamiltonian energy of layer l; -2H/Lt: the rank estimate;
+    srank: the stable rank of X_{l-1}; |W|^2: ||W_l||_F^2.
+    """
+    cols = ("l", "p_l", "COI_g", "COI", "KE", "V", "H", "-2H/Lt", "srank", "|W|^2")
+    rows = [cols]
+    for l in range(1, report.depth + 1):
+        coi = "%.4g%s" % (float(report.coi_exact[l - 1]), "*" if bool(report.coi_infinite[l - 1]) else "")
+        rows.append((str(l), "%.3f" % float(report.positions[l]), "%.4g" % float(report.coi_gamma[l - 1]), coi,
+                     "%.4g" % float(report.kinetic[l - 1]), "%.4g" % float(report.potential[l - 1]),
+                     "%.4g" % float(report.hamiltonian[l - 1]), "%.3f" % float(report.rank_estimate[l - 1]),
+                     "%.3f" % float(report.stable_rank[l - 1]), "%.4g" % float(report.balance_lhs[l - 1])))
+    widths = [max(len(r[j]) for r in rows) for j in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    head = ("per layer l (metric of X_{l-1}; Lt = %g, gamma0 = %g; COI*: residual > 0, infinite in theory)"
+            % (report.Lt, report.gamma0))
+    return "\n".join([head] + lines)
+
+
 def _final(result):
     f = result.final
     return {k: f[k] for k in ("loss", "train_mse", "reg", "test_mse")}
@@ -176,11 +203,13 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
     stats = layer_stats(model, task.x_train, cfg.gamma0)
     summary = rank_summary(stats)
     log("")
-    log(report.table())
+    log(layer_table(report))
     log("")
-    log("bottleneck rank estimate: %s   (median_l -2H/Lt = %.3f <= k* <= min_l COI = %.3f at layer %d; "
+    log("bottleneck rank estimate: %s   (median_l -2H/Lt = %.3f <= k* <= min_l COI_gamma = %.3f at layer %d; "
         "teacher's k* = %d)" % (summary["rank"], summary["rank_median"], summary["coi_min"],
                                 summary["coi_argmin_layer"], task.rank))
+    if not summary["bracket_ok"]:
+        log("  the bracket does not pin down one integer: train longer, or raise Lt")
     files = {
         "spectra": plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
                                       os.path.join(out, "spectra.png"), rank=task.rank,

@@ -110,8 +110,8 @@ void check_saved_z(const at::Tensor& Z, const at::Tensor& gamma, const KNormDims
   TORCH_CHECK(Z.scalar_type() == at::kDouble && gamma.scalar_type() == at::kDouble,
               "Z and gamma must be the float64 tensors the forward returned, got ", Z.scalar_type(), " and ",
               gamma.scalar_type());
-  CHECK_DEVICE(Z, "Z", ref, ref_name);
-  CHECK_DEVICE(gamma, "gamma", ref, ref_name);
+  TORCH_CHECK(Z.device() == ref.device() && gamma.device() == ref.device(), "Z and gamma must be on the device of ",
+              ref_name, " (", ref.device(), "), got ", Z.device(), " and ", gamma.device());
   TORCH_CHECK(Z.numel() == d.B * d.p * d.m * blocks && Z.size(-2) == d.p && Z.size(-1) == d.m * blocks,
               "Z must be the forward's [..., p, m] = [..., ", d.p, ", ", d.m * blocks, "] solve, got ",
               shape_str(Z.sizes()));
@@ -132,7 +132,8 @@ at::Tensor resolve_gamma(const c10::optional<at::Tensor>& gamma, double gamma0, 
                          int64_t B) {
   const auto opt = G.options().dtype(at::kDouble);
   if (gamma.has_value()) {
-    return gamma->detach().to(opt).reshape(-1).expand({B}).contiguous();
+    // A fresh tensor: an op output must not alias its input gamma.
+    return at::empty({B}, opt).copy_(gamma->detach().reshape(-1).expand({B}));
   }
   const int64_t n = G.size(-1);
   if (n == 0 || B == 0) return at::zeros({B}, opt);
@@ -151,17 +152,43 @@ at::Tensor resolve_gamma(const c10::optional<at::Tensor>& gamma, double gamma0, 
   return lmax.clamp_min(0.0).mul(gamma0);
 }
 
+namespace {
+
+// Z_b = A_b^{-1} R_b by an eigendecomposition, eigenvalues clamped from below at floor_b.
+void solve_spd_eigh(const at::Tensor& A, const at::Tensor& R, const at::Tensor& floor, at::Tensor Z) {
+  auto [ev, V] = at::linalg_eigh(A);
+  ev = at::maximum(ev, floor.unsqueeze(-1));
+  Z.copy_(at::matmul(V, at::matmul(V.transpose(-1, -2), R).div(ev.unsqueeze(-1))));
+}
+
+}  // namespace
+
 at::Tensor solve_spd(const at::Tensor& A, const at::Tensor& R, const at::Tensor& floor) {
   if (A.size(0) == 0 || A.size(-1) == 0) return at::zeros(R.sizes(), R.options());
+  if (A.is_cpu()) {
+    // One small factorisation and solve per entry in parallel: batched LAPACK calls oversubscribe
+    // the threads on CPU (10x slower on 2 cores).
+    at::Tensor Z = at::empty(R.sizes(), R.options());
+    at::parallel_for(0, A.size(0), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        auto [Lc, info] = at::linalg_cholesky_ex(A[b], /*upper=*/false, /*check_errors=*/false);
+        if (info.item<int>() == 0) {
+          Z[b].copy_(at::cholesky_solve(R[b], Lc, /*upper=*/false));
+        } else {
+          solve_spd_eigh(A[b], R[b], floor[b], Z[b]);
+        }
+      }
+    });
+    return Z;
+  }
   auto [Lc, info] = at::linalg_cholesky_ex(A, /*upper=*/false, /*check_errors=*/false);
   at::Tensor Z = at::cholesky_solve(R, Lc, /*upper=*/false).contiguous();
   const at::Tensor bad = (info != 0).nonzero().reshape(-1).cpu();
-  const int64_t* idx = bad.data_ptr<int64_t>();
-  for (int64_t i = 0; i < bad.numel(); ++i) {
-    const int64_t b = idx[i];
-    auto [ev, V] = at::linalg_eigh(A[b]);
-    ev = ev.clamp_min(floor[b]);
-    Z[b].copy_(V.matmul(V.transpose(0, 1).matmul(R[b]).div(ev.unsqueeze(1))));
+  if (bad.numel() > 0) {
+    const at::Tensor idx = bad.to(A.device());
+    at::Tensor Zb = at::empty({bad.numel(), R.size(1), R.size(2)}, R.options());
+    solve_spd_eigh(A.index_select(0, idx), R.index_select(0, idx), floor.index_select(0, idx), Zb);
+    Z.index_copy_(0, idx, Zb);
   }
   return Z;
 }

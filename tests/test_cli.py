@@ -1,0 +1,71 @@
+"""Tests of the `leakycuda` command line in tiny settings: demo, reproduce fig1|fig2 --quick, info."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from leakycuda import cli
+
+TINY = ["--steps", "12", "--sgd-steps", "3", "--width", "8", "--n-train", "40", "--n-test", "20", "--no-progress"]
+
+
+def test_demo_writes_its_files(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--depth", "6", "--Lt", "2"] + TINY) == 0
+    text = capsys.readouterr().out
+    assert "bottleneck rank estimate" in text and str(out) in text
+    for name in ("spectra.png", "energies.png", "history.png", "demo.json", "history.json", "history.csv"):
+        assert (out / name).stat().st_size > 0, name
+    d = json.loads((out / "demo.json").read_text())
+    assert len(d["layers"]["coi"]) == 6 and len(d["layers"]["sv_w"]) == 6
+    assert d["config"]["adam_steps"] == 12 and d["task"]["rank"] == 3
+    assert set(d["summary"]) >= {"rank", "rank_median", "coi_min"}
+
+
+def test_reproduce_fig1_quick(tmp_path, capsys):
+    out = tmp_path / "f1"
+    assert cli.main(["reproduce", "fig1", "--quick", "--out", str(out), "--Lts", "1,3", "--seeds", "2"] + TINY) == 0
+    d = json.loads((out / "fig1.json").read_text())
+    assert d["quick"] and d["Lts"] == [1.0, 3.0] and d["seeds"] == [0, 1] and len(d["runs"]) == 4
+    assert {"rank_median", "rank_min", "rank_max", "coi_min"} <= set(d["runs"][0]["summary"])
+    for name in ("fig1a.png", "fig1b_Lt3.png", "fig1c_Lt3.png"):
+        assert (out / name).stat().st_size > 0
+    assert "results in" in capsys.readouterr().out
+
+
+def test_reproduce_fig2_quick(tmp_path):
+    out = tmp_path / "f2"
+    assert cli.main(["reproduce", "fig2", "--quick", "--out", str(out), "--depths", "4,6"] + TINY) == 0
+    d = json.loads((out / "fig2.json").read_text())
+    assert d["schemes"] == ["equidistant", "irregular", "adaptive"] and d["depths"] == [4, 6]
+    assert len(d["runs"]) == 6 and set(d["test_mse"]) == set(d["schemes"])
+    adaptive = [r for r in d["runs"] if r["scheme"] == "adaptive"][0]
+    assert sum(adaptive["layers"]["rho"]) == pytest.approx(1.0)
+    for name in ("fig2a.png", "fig2b.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "built against" in text and "leakycuda::leaky_stack" in text
+    d = cli.info_dict()
+    assert "CPU" in d["kernels"]["leakycuda::leaky_stack"]
+    assert isinstance(d["cuda_kernels_compiled"], bool)
+
+
+def test_seeds_and_errors(capsys):
+    assert cli._seeds("3") == [0, 1, 2] and cli._seeds("4,7") == [4, 7] and cli._seeds("5,") == [5]
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--no-such-flag"])
+    with pytest.raises(SystemExit):
+        cli.main(["reproduce", "fig3"])
+
+
+def test_console_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "leakycuda.cli", "info", "--json"], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    assert "kernels" in json.loads(r.stdout)
