@@ -2,9 +2,8 @@
 import argparse
 import json
 import math
-import platform
-import statistics
-import subprocess
+import os
+import sys
 import time
 
 import torch
@@ -12,21 +11,13 @@ import torch
 import leakycuda
 from leakycuda import reference
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import machine_info, time_fn  # noqa: E402
+
 
 def timeit(fn, warmup=3, reps=10):
-    """Median milliseconds of fn() over reps, CUDA events, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median milliseconds of fn() over reps (CUDA events, after warm-up)."""
+    return time_fn(fn, device="cuda", warmup=warmup, repeats=reps)["median_ms"]
 
 
 def make_inputs(N, w, L, dtype, Lt=2.0, seed=0):
@@ -167,23 +158,6 @@ def bench_checkpoint(name, N, w, L, dtype, args, rows):
     rows.append(res)
 
 
-def environment():
-    def run(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-    return {
-        "device": torch.cuda.get_device_name(),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-        "driver": run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_commit": run(["git", "rev-parse", "HEAD"]),
-    }
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench_stack_cuda.json")
@@ -210,7 +184,7 @@ def main():
         except Exception as e:  # one failing config must not hide the others
             rows.append({"error": repr(e)[:1000]})
         print(json.dumps(rows[-1]), flush=True)
-    result = {"environment": environment(), "results": rows}
+    result = {"environment": machine_info("cuda"), "results": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print()

@@ -15,7 +15,9 @@ fi
 tail -3 "$OUT/build.log"
 
 echo "== pytest -m cuda"
-python -m pytest -m cuda tests -q -x > "$OUT/pytest_cuda.log" 2>&1
+# From $OUT, so that `import leakycuda` finds the installed build, not the source tree.
+REPO=$(pwd)
+(cd "$OUT" && python -m pytest -m cuda "$REPO/tests" -q -x -p no:cacheprovider) > "$OUT/pytest_cuda.log" 2>&1
 echo "pytest rc=$?"; tail -5 "$OUT/pytest_cuda.log"
 
 echo "== compute-sanitizer"
