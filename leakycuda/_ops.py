@@ -99,3 +99,15 @@ def _leaky_layer_grad(ctx, grad):
 
 torch.library.register_autograd("leakycuda::leaky_stack", _leaky_stack_grad, setup_context=_leaky_stack_setup)
 torch.library.register_autograd("leakycuda::leaky_layer", _leaky_layer_grad, setup_context=_leaky_layer_setup)
+
+
+def _no_double_backward(name):
+    def grad(ctx, *grads):
+        raise RuntimeError("leakycuda::%s is not differentiable: double backward through the leaky stack is not "
+                           "supported (use leakycuda.reference for higher-order gradients)" % name)
+    return grad
+
+
+for _name in ("leaky_stack_backward", "leaky_layer_backward"):
+    torch.library.register_autograd("leakycuda::" + _name, _no_double_backward(_name),
+                                    setup_context=lambda ctx, inputs, output: None)

@@ -13,8 +13,8 @@ from .data import bottleneck_task
 from .module import LeakyResNet
 from .train import fit
 
-__all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "run_demo", "run_fig1", "run_fig2",
-           "train_run"]
+__all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "plot_fig1", "plot_fig2", "replot",
+           "run_demo", "run_fig1", "run_fig2", "train_run"]
 
 
 @dataclasses.dataclass
@@ -259,21 +259,11 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
             log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  (%.0f s)"
                 % (Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
                    summary["rank_max"], summary["coi_min"], runs[-1]["seconds"]))
-            if Lt == Lts[-1] and seed == seeds[0]:
-                last = (stats, task.rank, c)
-    grid = lambda key: [[r["summary"][key] for r in runs if r["Lt"] == Lt] for Lt in Lts]  # noqa: E731
-    os.makedirs(out, exist_ok=True)
-    files = {"fig1a": plots.plot_fig1a(Lts, grid("rank_median"), grid("rank_min"), grid("rank_max"), grid("coi_min"),
-                                       os.path.join(out, "fig1a.png"), k_star=min(cfg.inner))}
-    stats, k, c = last
-    files["fig1b"] = plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
-                                        os.path.join(out, "fig1b_Lt%g.png" % c.Lt), rank=k,
-                                        title="Lt = %g, L = %d" % (c.Lt, c.depth))
-    files["fig1c"] = plots.plot_energies(stats["p_mid"], stats["kinetic"], stats["potential"], stats["hamiltonian"],
-                                         os.path.join(out, "fig1c_Lt%g.png" % c.Lt), title="Lt = %g" % c.Lt)
-    files["json"] = _dump({"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts),
-                           "seeds": seeds, "machine": machine_info(device), "seconds": time.perf_counter() - t0,
-                           "runs": runs, "files": files}, os.path.join(out, "fig1.json"))
+    data = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
+            "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs}
+    files = plot_fig1(data, out)
+    data["files"] = files
+    files["json"] = _dump(data, os.path.join(out, "fig1.json"))
     log("fig1: wrote %s (%.0f s)" % (", ".join(files.values()), time.perf_counter() - t0))
     return {"runs": runs, "files": files}
 
@@ -289,7 +279,7 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
     schemes = tuple(schemes or preset["schemes"])
     seeds = _seed_list(seeds)
     t0 = time.perf_counter()
-    runs, spectra = [], {}
+    runs = []
     for scheme in schemes:
         for L in depths:
             for seed in seeds:
@@ -302,16 +292,48 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
                              "final": _final(result), "summary": rank_summary(stats), "layers": stats})
                 log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  (%.0f s)"
                     % (scheme, L, seed, result.final["test_mse"], result.final["train_mse"], runs[-1]["seconds"]))
-                if L == depths[-1] and seed == seeds[0]:
-                    spectra[scheme] = (stats["p_mid"], stats["sv_w"])
-    errors = {s: [[r["final"]["test_mse"] for r in runs if r["scheme"] == s and r["L"] == L] for L in depths]
-              for s in schemes}
-    os.makedirs(out, exist_ok=True)
-    files = {"fig2a": plots.plot_fig2a(depths, errors, os.path.join(out, "fig2a.png")),
-             "fig2b": plots.plot_fig2b(spectra, os.path.join(out, "fig2b.png"), rank=min(cfg.inner))}
-    files["json"] = _dump({"figure": "fig2", "quick": quick, "config": dataclasses.asdict(cfg), "depths": list(depths),
-                           "schemes": list(schemes), "a": preset["a"], "seeds": seeds,
-                           "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs,
-                           "test_mse": errors, "files": files}, os.path.join(out, "fig2.json"))
+    data = {"figure": "fig2", "quick": quick, "config": dataclasses.asdict(cfg), "depths": list(depths),
+            "schemes": list(schemes), "a": preset["a"], "seeds": seeds, "machine": machine_info(device),
+            "seconds": time.perf_counter() - t0, "runs": runs,
+            "test_mse": {s: [[r["final"]["test_mse"] for r in runs if r["scheme"] == s and r["L"] == L]
+                             for L in depths] for s in schemes}}
+    files = plot_fig2(data, out)
+    data["files"] = files
+    files["json"] = _dump(data, os.path.join(out, "fig2.json"))
     log("fig2: wrote %s (%.0f s)" % (", ".join(files.values()), time.perf_counter() - t0))
     return {"runs": runs, "files": files}
+
+
+def plot_fig1(data, out):
+    """The Fig. 1 PNGs from a fig1.json dict: fig1a.png, and the spectra and energies of the largest Lt (first seed)."""
+    runs, Lts, k = data["runs"], data["Lts"], min(data["config"]["inner"])
+    grid = lambda key: [[r["summary"][key] for r in runs if r["Lt"] == Lt] for Lt in Lts]  # noqa: E731
+    switch = next((r["Lt"] for r in runs if r.get("init") == "identity"), None)
+    files = {"fig1a": plots.plot_fig1a(Lts, grid("rank_median"), grid("rank_min"), grid("rank_max"), grid("coi_min"),
+                                       os.path.join(out, "fig1a.png"), k_star=k, init_switch=switch)}
+    last = [r for r in runs if r["Lt"] == Lts[-1]][0]
+    stats, Lt, L = last["layers"], last["Lt"], data["config"]["depth"]
+    files["fig1b"] = plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
+                                        os.path.join(out, "fig1b_Lt%g.png" % Lt), rank=k, title="Lt = %g, L = %d" % (Lt, L))
+    files["fig1c"] = plots.plot_energies(stats["p_mid"], stats["kinetic"], stats["potential"], stats["hamiltonian"],
+                                         os.path.join(out, "fig1c_Lt%g.png" % Lt), title="Lt = %g" % Lt)
+    return files
+
+
+def plot_fig2(data, out):
+    """The Fig. 2 PNGs from a fig2.json dict: fig2a.png (test MSE against L) and fig2b.png (weight spectra at the largest L)."""
+    depths, schemes, k = data["depths"], data["schemes"], min(data["config"]["inner"])
+    spectra = {}
+    for s in schemes:
+        r = [r for r in data["runs"] if r["scheme"] == s and r["L"] == depths[-1]][0]
+        spectra[s] = (r["layers"]["p_mid"], r["layers"]["sv_w"])
+    return {"fig2a": plots.plot_fig2a(depths, data["test_mse"], os.path.join(out, "fig2a.png")),
+            "fig2b": plots.plot_fig2b(spectra, os.path.join(out, "fig2b.png"), rank=k)}
+
+
+def replot(json_path, out=None):
+    """Redraws the PNGs of a figure run from its fig1.json or fig2.json into ``out`` (default: beside the JSON)."""
+    with open(json_path) as f:
+        data = json.load(f)
+    out = out or os.path.dirname(os.path.abspath(json_path))
+    return (plot_fig1 if data["figure"] == "fig1" else plot_fig2)(data, out)

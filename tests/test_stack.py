@@ -182,7 +182,19 @@ def opcheck_cases(device):
 def test_opcheck(requires_grad, device):
     for op, args in opcheck_cases(device):
         args = tuple(a.clone().requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(op, args)
+        backward_op = op in (ops.leaky_stack_backward, ops.leaky_layer_backward)
+        # The backward ops refuse to be differentiated (test_double_backward_is_refused), so with
+        # grad they are checked for schema and fake tensors only.
+        utils = ("test_schema", "test_faketensor") if backward_op and requires_grad else None
+        torch.library.opcheck(op, args, **({"test_utils": utils} if utils else {}))
+
+
+def test_double_backward_is_refused(device):
+    x0, W, r = make_stack(3, 4, 2, device=device)
+    x0.requires_grad_(), W.requires_grad_()
+    (g,) = torch.autograd.grad(lc.leaky_stack(x0, W, r, 1.0).sum(), x0, create_graph=True)
+    with pytest.raises(RuntimeError, match="leaky_stack_backward is not differentiable"):
+        g.sum().backward()
 
 
 def test_inputs_are_not_modified(device):
