@@ -6,7 +6,7 @@ from .energies import energies  # binds lc.energies to the function (DESIGN §3)
 from .functional import leaky_layer, leaky_stack
 from .module import LeakyResNet
 from .steps import adaptive_step_sizes, step_sizes
-from . import diagnostics  # noqa: E402  (imports the module and energies above)
+from . import data, diagnostics, train  # noqa: E402  (they import the module and energies above)
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "adaptive_step_sizes",
     "build_info",
     "cost_of_identity",
+    "data",
     "diagnostics",
     "energies",
     "k_norm2",
@@ -25,4 +26,5 @@ __all__ = [
     "reference",
     "stable_rank",
     "step_sizes",
+    "train",
 ]

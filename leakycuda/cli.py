@@ -193,7 +193,8 @@ def _cmd_info(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="leakycuda", description="Leaky ResNets: demo, paper figures, benchmarks, build info.")
+    p = argparse.ArgumentParser(prog="leakycuda",
+                                description="Leaky ResNets: demo, paper figures, benchmarks, build info.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="train on the 30 -> 3 -> 30 task, print per-layer energies and the rank estimate, "

@@ -13,8 +13,8 @@ from .data import bottleneck_task
 from .module import LeakyResNet
 from .train import fit
 
-__all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "plot_fig1", "plot_fig2", "replot",
-           "run_demo", "run_fig1", "run_fig2", "train_run"]
+__all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "plot_fig1",
+           "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run"]
 
 
 @dataclasses.dataclass
@@ -57,15 +57,15 @@ DEMO = RunConfig(n_train=500, n_test=500, width=64, depth=20, Lt=6.0)
 # Figure 1: the 30 -> 3 -> 30 task, L = 20 equidistant layers, a sweep over Lt.
 FIG1 = {
     "paper": dict(config=RunConfig(), Lts=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0)),
-    "quick": dict(config=RunConfig(n_train=200, n_test=200, width=32, adam_steps=400, sgd_steps=100),
-                  Lts=(2.0, 6.0)),
+    "quick": dict(config=RunConfig(n_train=200, n_test=200, width=32, adam_steps=1500, sgd_steps=300),
+                  Lts=(2.0, 4.0, 6.0)),
 }
 # Figure 2: three random ResNets 30 -> 6 -> 3 -> 30, Lt = 3, a sweep over L and the step schemes.
 FIG2 = {
     "paper": dict(config=RunConfig(inner=(6, 3), teacher="resnet", Lt=3.0), depths=(4, 8, 16, 32, 64),
                   schemes=("equidistant", "irregular", "adaptive"), a=0.9),
     "quick": dict(config=RunConfig(inner=(6, 3), teacher="resnet", Lt=3.0, n_train=200, n_test=200, width=32,
-                                   adam_steps=300, sgd_steps=50), depths=(4, 8),
+                                   adam_steps=1000, sgd_steps=200), depths=(4, 8, 16),
                   schemes=("equidistant", "irregular", "adaptive"), a=0.9),
 }
 
@@ -87,7 +87,7 @@ def make_task(cfg, seed, device, dtype):
 
 def train_run(cfg, seed=0, *, device="cpu", dtype=torch.float32, task=None, progress=None, desc=None,
               history_path=None, checkpoint_path=None):
-    """Builds the task (seed ``seed``) and a LeakyResNet (init seeded by ``seed``) and fits it; returns (model, task, result)."""
+    """Builds the task and a LeakyResNet (both seeded by ``seed``) and fits them; returns (model, task, result)."""
     if task is None:
         task = make_task(cfg, seed, device, dtype)
     torch.manual_seed(1000 + seed)
@@ -95,7 +95,8 @@ def train_run(cfg, seed=0, *, device="cpu", dtype=torch.float32, task=None, prog
                         a=cfg.a if cfg.steps == "irregular" else 0.0, init=cfg.resolved_init(),
                         device=device, dtype=dtype)
     result = fit(model, task, cfg.lam, adam_steps=cfg.adam_steps, adam_lr=cfg.adam_lr, sgd_steps=cfg.sgd_steps,
-                 sgd_lr=cfg.sgd_lr, adapt_every=cfg.adapt_every, log_every=max(1, (cfg.adam_steps + cfg.sgd_steps) // 50),
+                 sgd_lr=cfg.sgd_lr, adapt_every=cfg.adapt_every,
+                 log_every=max(1, (cfg.adam_steps + cfg.sgd_steps) // 50),
                  progress=progress, desc=desc, history_path=history_path, checkpoint_path=checkpoint_path)
     return model, task, result
 
@@ -136,16 +137,17 @@ def rank_summary(stats):
     """Median, min and max over layers of -2H/Lt, min_l COI, and the integer bottleneck-rank estimate.
 
     The theory brackets the bottleneck rank: -2H/Lt <= k* <= min_l COI (both tighten as Lt grows).
-    ``rank`` is the integer nearest the middle of [median(-2H/Lt), min COI]; ``bracket_ok`` says
-    whether exactly one integer lies in that interval.
+    ``rank`` is the integer nearest the middle of [median(-2H/Lt), min COI]; ``bracket_integers``
+    counts the integers in that interval and ``bracket_ok`` says whether there is exactly one.
     """
     r = torch.tensor(stats["rank_estimate"], dtype=torch.float64)
     coi = torch.tensor(stats["coi"], dtype=torch.float64)
     lo, hi = float(r.median()), float(coi.min())
     ints = [k for k in range(max(0, math.ceil(lo)), math.floor(hi) + 1)] if math.isfinite(lo + hi) else []
     return {"rank_median": lo, "rank_min": float(r.min()), "rank_max": float(r.max()), "coi_min": hi,
-            "coi_argmin_layer": int(coi.argmin()) + 1, "rank": int(round((lo + hi) / 2)) if math.isfinite(lo + hi) else None,
-            "bracket_ok": len(ints) == 1}
+            "coi_argmin_layer": int(coi.argmin()) + 1,
+            "rank": int(round((lo + hi) / 2)) if math.isfinite(lo + hi) else None,
+            "bracket_ok": len(ints) == 1, "bracket_integers": len(ints)}
 
 
 def layer_table(report):
@@ -208,8 +210,10 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
     log("bottleneck rank estimate: %s   (median_l -2H/Lt = %.3f <= k* <= min_l COI_gamma = %.3f at layer %d; "
         "teacher's k* = %d)" % (summary["rank"], summary["rank_median"], summary["coi_min"],
                                 summary["coi_argmin_layer"], task.rank))
-    if not summary["bracket_ok"]:
-        log("  the bracket does not pin down one integer: train longer, or raise Lt")
+    if summary["bracket_integers"] == 0:
+        log("  no integer lies in that bracket (the two estimates have not met k* yet); the nearest one is shown")
+    elif summary["bracket_integers"] > 1:
+        log("  the bracket holds %d integers: train longer or raise Lt to tighten it" % summary["bracket_integers"])
     files = {
         "spectra": plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
                                       os.path.join(out, "spectra.png"), rank=task.rank,
@@ -222,11 +226,16 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
     files["json"] = os.path.join(out, "demo.json")
     _dump({"config": dataclasses.asdict(cfg), "seed": seed, "task": task.describe(), "machine": machine_info(device),
            "train_seconds": t_train, "final": fin, "summary": summary, "layers": stats,
-           "diagnostics": json.loads(report.to_json()), "files": files}, files["json"])
+           "diagnostics": json.loads(report.to_json()), "files": _names(files)}, files["json"])
     log("")
     log("wrote %s" % ", ".join(files[k] for k in ("spectra", "energies", "history_plot", "json")))
     log("total %.1f s" % (time.perf_counter() - t0))
     return {"summary": summary, "final": fin, "files": files, "layers": stats}
+
+
+def _names(files):
+    """File names relative to the output folder (the JSON stays valid when the folder moves)."""
+    return {k: os.path.basename(v) for k, v in files.items()}
 
 
 def _seed_list(seeds):
@@ -262,8 +271,9 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
     data = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
             "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs}
     files = plot_fig1(data, out)
-    data["files"] = files
-    files["json"] = _dump(data, os.path.join(out, "fig1.json"))
+    files["json"] = os.path.join(out, "fig1.json")
+    data["files"] = _names(files)
+    _dump(data, files["json"])
     log("fig1: wrote %s (%.0f s)" % (", ".join(files.values()), time.perf_counter() - t0))
     return {"runs": runs, "files": files}
 
@@ -298,8 +308,9 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
             "test_mse": {s: [[r["final"]["test_mse"] for r in runs if r["scheme"] == s and r["L"] == L]
                              for L in depths] for s in schemes}}
     files = plot_fig2(data, out)
-    data["files"] = files
-    files["json"] = _dump(data, os.path.join(out, "fig2.json"))
+    files["json"] = os.path.join(out, "fig2.json")
+    data["files"] = _names(files)
+    _dump(data, files["json"])
     log("fig2: wrote %s (%.0f s)" % (", ".join(files.values()), time.perf_counter() - t0))
     return {"runs": runs, "files": files}
 
@@ -314,14 +325,15 @@ def plot_fig1(data, out):
     last = [r for r in runs if r["Lt"] == Lts[-1]][0]
     stats, Lt, L = last["layers"], last["Lt"], data["config"]["depth"]
     files["fig1b"] = plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
-                                        os.path.join(out, "fig1b_Lt%g.png" % Lt), rank=k, title="Lt = %g, L = %d" % (Lt, L))
+                                        os.path.join(out, "fig1b_Lt%g.png" % Lt), rank=k,
+                                        title="Lt = %g, L = %d" % (Lt, L))
     files["fig1c"] = plots.plot_energies(stats["p_mid"], stats["kinetic"], stats["potential"], stats["hamiltonian"],
                                          os.path.join(out, "fig1c_Lt%g.png" % Lt), title="Lt = %g" % Lt)
     return files
 
 
 def plot_fig2(data, out):
-    """The Fig. 2 PNGs from a fig2.json dict: fig2a.png (test MSE against L) and fig2b.png (weight spectra at the largest L)."""
+    """The Fig. 2 PNGs from a fig2.json dict: fig2a.png (test MSE against L), fig2b.png (weight spectra, largest L)."""
     depths, schemes, k = data["depths"], data["schemes"], min(data["config"]["inner"])
     spectra = {}
     for s in schemes:

@@ -99,7 +99,7 @@ def plot_fig1a(Lts, rank_median, rank_min, rank_max, coi_min, path, *, k_star=No
     coi, coi_err = mean_err(coi_min)
     ax.fill_between(Lts, lo, hi, color="C0", alpha=0.2, label="$-2H/\\tilde L$ min..max over layers")
     ax.errorbar(Lts, med, yerr=med_err, fmt="-o", ms=4, color="C0", label="$-2H/\\tilde L$ median")
-    ax.errorbar(Lts, coi, yerr=coi_err, fmt="-s", ms=4, color="C3", label="min$_\\ell$ COI")
+    ax.errorbar(Lts, coi, yerr=coi_err, fmt="-s", ms=4, color="C3", label="min$_\\ell$ COI$_\\gamma$")
     if stable_rank_min is not None:
         sr, _ = mean_err(stable_rank_min)
         ax.plot(Lts, sr, ":", color="0.4", label="min$_\\ell$ stable rank")

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -98,7 +99,7 @@ def _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum):
 
 def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_lr=1e-3, sgd_momentum=0.0,
         adapt_every=50, adapt_during_sgd=False, log_every=50, checkpoint_path=None, checkpoint_every=1000,
-        resume=False, history_path=None, progress=None, desc=None, device=None, callback=None):
+        resume=False, history_path=None, progress=None, desc=None, callback=None):
     """Trains ``model`` (a :class:`~leakycuda.LeakyResNet`) full-batch on ``task``; returns a :class:`FitResult`.
 
     Loss: ``mse(model(x), y) + model.regularization(lam)``, i.e. C + lam/(2 Lt) sum_l rho_l ||W_l||_F^2.
@@ -107,7 +108,7 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     0..adam_steps-1 are Adam, the rest SGD.
 
     task: anything with ``x_train``, ``y_train`` (and optionally ``x_test``, ``y_test``) tensors, e.g.
-    :func:`leakycuda.data.bottleneck_task`; moved to the model's device and dtype.
+    :func:`leakycuda.data.bottleneck_task`; moved to the model's device and dtype (move the model first).
 
     Adaptive steps: when ``model.steps == "adaptive"``, ``model.adapt_steps(x_train)`` runs before
     every step whose index is a multiple of ``adapt_every`` (during Adam only, unless
@@ -137,12 +138,6 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
         ddp_model, module = model, model.module
     else:
         ddp_model, module = None, model
-    rank, world = _dist_info()
-    if world > 1 and ddp_model is None:
-        dev = next(module.parameters()).device
-        ddp_model = DDP(module, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False)
-    net = ddp_model if ddp_model is not None else module
-
     for name, v in (("adam_steps", adam_steps), ("sgd_steps", sgd_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError("%s must be an integer >= 0, got %r" % (name, v))
@@ -152,9 +147,14 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     if adaptive and not (isinstance(adapt_every, int) and adapt_every >= 1):
         raise ValueError("adapt_every must be an integer >= 1 for a model with adaptive steps, got %r" % (adapt_every,))
 
+    rank, world = _dist_info()
+    if world > 1 and ddp_model is None:
+        dev = next(module.parameters()).device
+        ddp_model = DDP(module, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False)
+    net = ddp_model if ddp_model is not None else module
+
     p0 = next(module.parameters())
-    device = p0.device if device is None else torch.device(device)
-    dtype = p0.dtype
+    device, dtype = p0.device, p0.dtype
     x_train = task.x_train.to(device=device, dtype=dtype)
     y_train = task.y_train.to(device=device, dtype=dtype)
     x_test = getattr(task, "x_test", None)
@@ -183,6 +183,12 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     resume_path = resume if isinstance(resume, (str, os.PathLike)) else (checkpoint_path if resume else None)
     if resume_path is not None and os.path.exists(resume_path):
         ckpt = load_checkpoint(resume_path, map_location=device)
+        changed = [k for k in ("lam", "adam_steps", "adam_lr", "sgd_steps", "sgd_lr", "sgd_momentum", "adapt_every")
+                   if ckpt["config"].get(k) != config[k]]
+        if changed:
+            what = ", ".join("%s %r -> %r" % (k, ckpt["config"].get(k), config[k]) for k in changed)
+            warnings.warn("fit: resuming %s with different settings (%s): the result will differ from an "
+                          "uninterrupted run" % (resume_path, what), stacklevel=2)
         module.load_state_dict(ckpt["model"])
         step, history = int(ckpt["step"]), list(ckpt["history"])
         phase = ckpt["phase"]

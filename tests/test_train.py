@@ -1,6 +1,5 @@
 """Tests of leakycuda.train.fit: the loss decreases, history files, checkpoints (weights_only), exact resume."""
 import json
-import os
 
 import pytest
 import torch
@@ -79,3 +78,11 @@ def test_bad_arguments():
         fit(model, task, 1e-2, adam_steps=-1)
     with pytest.raises(ValueError, match="log_every"):
         fit(model, task, 1e-2, adam_steps=1, sgd_steps=0, log_every=0)
+
+
+def test_resume_with_other_settings_warns(tmp_path):
+    ckpt = str(tmp_path / "run.pt")
+    model, task = _setup()
+    fit(model, task, 1e-2, adam_steps=4, sgd_steps=0, log_every=2, checkpoint_path=ckpt)
+    with pytest.warns(UserWarning, match="lam"):
+        fit(model, task, 1e-1, adam_steps=6, sgd_steps=0, log_every=2, checkpoint_path=ckpt, resume=True)
