@@ -262,3 +262,28 @@ def test_bad_inputs_give_clear_errors():
     bad(lambda: f(x0.numpy(), W, r, 1.0), r"x0 must be a tensor \[N, w\], got ndarray", TypeError)
     bad(lambda: lc.leaky_layer(x0, W, r[0], 1.0), r"W must be \[w, w\+1\] \(one layer's weight; the last column is the bias\) \(2 dimensions\)")
     bad(lambda: lc.leaky_layer(x0, W[0], r, 1.0), r"rho must be a single step \(a 0-d tensor\), got shape \[3\]")
+
+
+def test_aten_gemm_fallback_matches_reference():
+    """The CPU kernel's ATen GEMM path (used where torch exports no BLAS symbols) in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, leakycuda as lc\n"
+        "from leakycuda import reference as ref\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x0 = torch.randn(300, 17, generator=g, dtype=torch.float64, requires_grad=True)\n"
+        "W = (torch.randn(9, 17, 18, generator=g, dtype=torch.float64) * 0.3).requires_grad_()\n"
+        "rho = torch.full((9,), 1 / 9, dtype=torch.float64, requires_grad=True)\n"
+        "for f in (lc.leaky_stack, ref.leaky_stack):\n"
+        "    y = f(x0, W, rho, 2.0)\n"
+        "    gs = torch.autograd.grad((y * y).sum(), (x0, W, rho))\n"
+        "    if f is lc.leaky_stack: got = (y, *gs)\n"
+        "for a, b in zip(got, (y, *gs)): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, LEAKYCUDA_CPU_ATEN_GEMM="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]

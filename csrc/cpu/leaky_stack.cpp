@@ -1,5 +1,6 @@
 // CPU leaky-stack forward and backward: the layer loop runs in C++ over cache-sized row chunks,
-// GEMMs go through ATen, and each layer's elementwise work is one fused pass over the chunk.
+// GEMMs go straight to the BLAS torch links (ATen when it has none), and each layer's elementwise
+// work is one fused pass over the chunk.
 //
 // The batch is split into a fixed set of row chunks (it depends on N and w only, never on the
 // thread count). Forward: rows are independent, so each chunk runs through all layers on its own
@@ -11,14 +12,49 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
 #include "../leaky_stack.h"
 
+// BLAS from the library torch links (MKL or OpenBLAS export the Fortran names); weak, so a torch
+// without them still loads this extension and the GEMMs go through ATen instead.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
 namespace leakycuda {
 
 namespace {
+
+// The BLAS path is on when torch exports both symbols, unless LEAKYCUDA_CPU_ATEN_GEMM=1 (tests use
+// it to cover the ATen path too).
+bool use_blas() {
+  static const bool on = sgemm_ && dgemm_ && !std::getenv("LEAKYCUDA_CPU_ATEN_GEMM");
+  return on;
+}
+
+// Row-major C[M,N] = op(A) op(B) (beta 0) on raw pointers, with leading dimensions lda/ldb/ldc:
+// the column-major BLAS call on the transposed problem. Returns false when BLAS is off; the
+// caller then uses at::mm_out. Small per-chunk GEMMs cost a few microseconds less this way.
+template <typename scalar_t>
+bool gemm_rm(char ta, char tb, int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+             const scalar_t* B, int64_t ldb, scalar_t* C, int64_t ldc) {
+  const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
+  const scalar_t one = 1, zero = 0;
+  if (!use_blas()) return false;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    sgemm_(&tb, &ta, &m, &n, &k, &one, B, &la, A, &lb, &zero, C, &lc);
+  } else {
+    dgemm_(&tb, &ta, &m, &n, &k, &one, B, &la, A, &lb, &zero, C, &lc);
+  }
+  return true;
+}
 
 // A fixed partition of N rows into `count` chunks of `rows` rows (the last may be shorter): about
 // 16K elements per chunk, and a multiple of 8 chunks when there are several, so that 2, 4 or 8
@@ -29,10 +65,12 @@ struct RowChunks {
   int64_t size(int64_t c, int64_t N) const { return std::min(N, (c + 1) * rows) - c * rows; }
 };
 
+constexpr int64_t kChunkElems = 16384, kChunkMult = 8;
+
 RowChunks row_chunks(int64_t N, int64_t w) {
-  const int64_t target = std::max<int64_t>(8, 16384 / std::max<int64_t>(w, 1));
+  const int64_t target = std::max<int64_t>(8, kChunkElems / std::max<int64_t>(w, 1));
   int64_t count = (N + target - 1) / target;
-  if (count > 1) count = std::min(N, (count + 7) / 8 * 8);
+  if (count > 1) count = std::min(N, (count + kChunkMult - 1) / kChunkMult * kChunkMult);
   count = std::max<int64_t>(count, 1);
   const int64_t rows = std::max<int64_t>(1, (N + count - 1) / count);
   return {rows, (N + rows - 1) / rows};
@@ -54,7 +92,7 @@ void fill_ones_column(scalar_t* S, int64_t n, int64_t w) {
 }
 
 template <typename scalar_t>
-void relu_rows(const scalar_t* X, scalar_t* S, int64_t n, int64_t w) {
+void relu_rows(const scalar_t* __restrict__ X, scalar_t* __restrict__ S, int64_t n, int64_t w) {
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* x = X + i * w;
     scalar_t* s = S + i * (w + 1);
@@ -64,7 +102,8 @@ void relu_rows(const scalar_t* X, scalar_t* S, int64_t n, int64_t w) {
 
 // Forward epilogue of one layer: Xn = c*X + r*P (P = sigma(X) W^T, bias included) and S = sigma(Xn).
 template <typename scalar_t>
-void leak_relu_rows(const scalar_t* X, const scalar_t* P, scalar_t* Xn, scalar_t* S, int64_t n,
+void leak_relu_rows(const scalar_t* __restrict__ X, const scalar_t* __restrict__ P, scalar_t* __restrict__ Xn,
+                    scalar_t* __restrict__ S, int64_t n,
                     int64_t w, scalar_t c, scalar_t r) {
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* x = X + i * w;
@@ -82,7 +121,8 @@ void leak_relu_rows(const scalar_t* X, const scalar_t* P, scalar_t* Xn, scalar_t
 // Backward epilogue of one layer, in place on G: G <- c*G + r*U*1[X > 0] (+ extra, the loss
 // gradient of X_{l-1} when every representation is an output). Returns <G_in, X> for drho.
 template <typename scalar_t>
-double mask_leak_rows(scalar_t* G, const scalar_t* U, const scalar_t* X, const scalar_t* extra,
+double mask_leak_rows(scalar_t* __restrict__ G, const scalar_t* __restrict__ U, const scalar_t* __restrict__ X,
+                      const scalar_t* __restrict__ extra,
                       int64_t n, int64_t w, scalar_t c, scalar_t r) {
   double dot = 0.0;
   for (int64_t i = 0; i < n * w; ++i) {
@@ -100,13 +140,14 @@ struct Stack {
   int64_t L, N, w;
   double Lt;
   const scalar_t* rho;
+  const scalar_t* Wp;
   RowChunks ch;
   std::vector<at::Tensor> Wt, V;  // per layer: W_l^T [w+1, w] and V_l [w, w] (views)
   at::Tensor S, P;                // [N, w+1] sigma(X) and [N, w] GEMM output, split by chunk
   std::vector<at::Tensor> S_c, P_c;
 
   Stack(const at::Tensor& W, const at::Tensor& rho_t, double Lt_, int64_t N_, const at::TensorOptions& opt)
-      : L(W.size(0)), N(N_), w(W.size(1)), Lt(Lt_), rho(rho_t.data_ptr<scalar_t>()), ch(row_chunks(N_, W.size(1))) {
+      : L(W.size(0)), N(N_), w(W.size(1)), Lt(Lt_), rho(rho_t.data_ptr<scalar_t>()), Wp(W.data_ptr<scalar_t>()), ch(row_chunks(N_, W.size(1))) {
     for (int64_t l = 0; l < L; ++l) {
       Wt.push_back(W[l].t());
       V.push_back(W[l].narrow(1, 0, w));
@@ -127,7 +168,9 @@ struct Stack {
     const scalar_t* Pp = P.data_ptr<scalar_t>() + r0 * w;
     relu_rows(X, Sp, n, w);
     for (int64_t l = l0; l < l1; ++l) {
-      at::mm_out(P_c[c], S_c[c], Wt[l]);
+      if (!gemm_rm<scalar_t>('N', 'T', n, w, w + 1, Sp, w + 1, Wp + l * w * (w + 1), w + 1,
+                             P.data_ptr<scalar_t>() + r0 * w, w))
+        at::mm_out(P_c[c], S_c[c], Wt[l]);
       scalar_t* Xn = dest(l + 1) + r0 * w;
       const double r = double(rho[l]);
       leak_relu_rows(X, Pp, Xn, Sp, n, w, scalar_t(1.0 - r * Lt), scalar_t(r));
@@ -211,8 +254,12 @@ void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t r0 = st.ch.begin(c), n = st.ch.size(c, N);
           relu_rows(Xp + r0 * w, st.S.template data_ptr<scalar_t>() + r0 * (w + 1), n, w);
-          at::mm_out(T_c[c], G_cT[c], st.S_c[c]);
-          at::mm_out(st.P_c[c], G_c[c], st.V[l - 1]);  // U = G V_l
+          scalar_t* Sc = st.S.template data_ptr<scalar_t>() + r0 * (w + 1);
+          scalar_t* Uc = st.P.template data_ptr<scalar_t>() + r0 * w;
+          if (!gemm_rm<scalar_t>('T', 'N', w, w + 1, n, G + r0 * w, w, Sc, w + 1, T_c[c].template data_ptr<scalar_t>(), w + 1))
+            at::mm_out(T_c[c], G_cT[c], st.S_c[c]);
+          if (!gemm_rm<scalar_t>('N', 'N', n, w, w, G + r0 * w, w, Wp + (l - 1) * WW, w + 1, Uc, w))
+            at::mm_out(st.P_c[c], G_c[c], st.V[l - 1]);  // U = G V_l
           gx[c] = mask_leak_rows(G + r0 * w, st.P.template data_ptr<scalar_t>() + r0 * w, Xp + r0 * w,
                                  extra ? extra + r0 * w : nullptr, n, w, scalar_t(1.0 - rl * Lt), scalar_t(rl));
         }
