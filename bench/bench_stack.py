@@ -1,11 +1,13 @@
 """Times the whole-stack forward and forward+backward: fused op vs eager reference vs torch.compile (JSON + table).
 
-Each (size, variant) runs in a child process so that its memory is its own; the peak is measured over
-one forward+backward above the level before it (sampled RSS on CPU, the allocator's peak on CUDA). Usage: python bench/bench_stack.py [--device cpu] [--quick] [--out FILE]
+The variants of one size are timed in one process, round by round (median of the rounds). Peak
+memory of one forward+backward, above the level before it, comes from a child process per variant
+(sampled RSS with glibc returning big blocks at once on CPU; the allocator's peak on CUDA). Usage: python bench/bench_stack.py [--device cpu] [--quick] [--out FILE]
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -32,12 +34,11 @@ def make_inputs(w, N, L, device, dtype):
     return [t.to(device).requires_grad_() for t in (x0, W, rho)]
 
 
-def run_child(w, N, L, variant, device, dtype, Lt, repeats):
-    """Measures one variant at one size in this process; returns a result row."""
+def make_step(variant, w, N, L, device, dtype, Lt):
+    """(step, forward) closures of one variant at one size, after its first (compiling) call."""
     import leakycuda as lc
 
-    dtype = getattr(torch, dtype)
-    x0, W, rho = make_inputs(w, N, L, device, dtype)
+    x0, W, rho = make_inputs(w, N, L, device, getattr(torch, dtype))
     if variant == "fused":
         f = lambda: lc.leaky_stack(x0, W, rho, Lt)
     elif variant == "eager":
@@ -45,9 +46,6 @@ def run_child(w, N, L, variant, device, dtype, Lt, repeats):
     else:
         compiled = torch.compile(lc.reference.leaky_stack)
         f = lambda: compiled(x0, W, rho, Lt)
-    t0 = time.perf_counter()
-    f().sum().backward()  # first call: compiles for "compile"
-    first_s = time.perf_counter() - t0
 
     def forward():
         with torch.no_grad():
@@ -58,23 +56,48 @@ def run_child(w, N, L, variant, device, dtype, Lt, repeats):
             t.grad = None
         f().sum().backward()
 
-    row = {"w": w, "N": N, "L": L, "variant": variant, "dtype": str(dtype).replace("torch.", ""),
-           "first_call_s": first_s}
-    fwd = time_fn(forward, device=device, repeats=repeats)
-    for t in (x0, W, rho):
-        t.grad = None
-    with PeakMemory(device) as mem:  # one forward+backward, gradients not yet allocated
+    t0 = time.perf_counter()
+    step()  # first call: compiles for "compile"
+    return step, forward, time.perf_counter() - t0
+
+
+def child_memory(w, N, L, variant, device, dtype, Lt):
+    """Peak memory of one forward+backward above the level before it, in its own process."""
+    step, _, first_s = make_step(variant, w, N, L, device, dtype, Lt)
+    step()
+    with PeakMemory(device) as mem:
         step()
-    fb = time_fn(step, device=device, repeats=repeats)
-    row.update(
-        fwd_ms=fwd["median_ms"],
-        fwdbwd_ms=fb["median_ms"],
-        fwdbwd_min_ms=fb["min_ms"],
-        fwdbwd_us_per_layer=fb["median_ms"] * 1e3 / L,
-        peak_extra_mib=mem.peak_bytes / 2**20,
-        gflops=6 * N * w * (w + 1) * L / (fb["median_ms"] * 1e-3) / 1e9,
-    )
-    return row
+    return {"peak_extra_mib": mem.peak_bytes / 2**20, "first_call_s": first_s}
+
+
+def measure_size(w, N, L, variants, device, dtype, Lt, repeats):
+    """Times every variant at one size in this process, interleaved round by round so that a
+    machine whose speed drifts treats them alike; memory comes from a child process each."""
+    rows, steps = [], {}
+    for v in variants:
+        steps[v] = make_step(v, w, N, L, device, dtype, Lt)
+    times = {v: {"fwd": [], "fb": []} for v in variants}
+    for _ in range(repeats):
+        for v in variants:
+            step, forward, _ = steps[v]
+            times[v]["fwd"].append(time_fn(forward, device=device, warmup=0, repeats=1)["median_ms"])
+            times[v]["fb"].append(time_fn(step, device=device, warmup=0, repeats=1)["median_ms"])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    for v in variants:
+        fb = statistics.median(times[v]["fb"])
+        row = {"w": w, "N": N, "L": L, "variant": v, "dtype": dtype, "first_call_s": steps[v][2],
+               "fwd_ms": statistics.median(times[v]["fwd"]), "fwdbwd_ms": fb, "fwdbwd_min_ms": min(times[v]["fb"]),
+               "fwdbwd_us_per_layer": fb * 1e3 / L, "gflops": 6 * N * w * (w + 1) * L / (fb * 1e-3) / 1e9}
+        # Big buffers are mmapped and unmapped at once in the child, so RSS follows live memory.
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{w},{N},{L},{v}", "--device", device,
+               "--dtype", dtype, "--Lt", str(Lt)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode == 0:
+            row["peak_extra_mib"] = json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mib"]
+        else:
+            print(f"memory of {v} at w={w} N={N} L={L} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+        rows.append(row)
+    return rows
 
 
 def main():
@@ -90,20 +113,13 @@ def main():
     a = p.parse_args()
     if a.child:
         w, N, L, variant = a.child.split(",")
-        print(json.dumps(run_child(int(w), int(N), int(L), variant, a.device, a.dtype, a.Lt, a.repeats)))
+        print(json.dumps(child_memory(int(w), int(N), int(L), variant, a.device, a.dtype, a.Lt)))
         return
     sizes = QUICK_SIZES if a.quick else SIZES
     repeats = 3 if a.quick else a.repeats
     rows = []
     for w, N, L in sizes:
-        for variant in a.variants.split(","):
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{w},{N},{L},{variant}",
-                   "--device", a.device, "--dtype", a.dtype, "--Lt", str(a.Lt), "--repeats", str(repeats)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                print(f"{variant} at w={w} N={N} L={L} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        rows += measure_size(w, N, L, a.variants.split(","), a.device, a.dtype, a.Lt, repeats)
     for r in rows:  # speed-up of the fused op over each variant, same size, same run
         fused = next((f for f in rows if f["variant"] == "fused" and (f["w"], f["N"], f["L"]) == (r["w"], r["N"], r["L"])), None)
         if fused:
