@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -145,32 +146,49 @@ inline double sum_lanes(const double* acc) {
   return total;
 }
 
-// Backward epilogue of one layer, in place on G: G <- c*G + r*U*1[X > 0] (+ extra, the loss
-// gradient of X_{l-1} when every representation is an output). Returns <G_in, X> for drho.
-// Branch-free, with the lane accumulators, so that it vectorizes.
-template <bool kExtra, typename scalar_t>
-double mask_leak_lanes(scalar_t* __restrict__ G, const scalar_t* __restrict__ U, const scalar_t* __restrict__ X,
-                       const scalar_t* __restrict__ extra, int64_t size, scalar_t c, scalar_t r) {
+// u where x > 0, else +0: a bit mask instead of a branch (compilers keep a select of a loaded value
+// as a branch, which mispredicts on relu patterns and blocks vectorization).
+template <typename scalar_t>
+inline scalar_t keep_if_positive(scalar_t x, scalar_t u) {
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>;
+  bits_t b;
+  std::memcpy(&b, &u, sizeof b);
+  b &= bits_t(0) - bits_t(x > scalar_t(0));
+  std::memcpy(&u, &b, sizeof b);
+  return u;
+}
+
+// <A, B> over `size` elements in double with the lane accumulators.
+template <typename scalar_t>
+double dot_lanes(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B, int64_t size) {
   double acc[kLanes] = {};
-  auto one = [&](int64_t i, double& a) {
-    const scalar_t g = G[i], x = X[i], u = U[i];
-    a += double(g) * double(x);
-    scalar_t v = c * g + (x > scalar_t(0) ? r * u : scalar_t(0));
-    if constexpr (kExtra) v += extra[i];
-    G[i] = v;
-  };
   int64_t i0 = 0;
   for (; i0 + kLanes <= size; i0 += kLanes)
-    for (int64_t k = 0; k < kLanes; ++k) one(i0 + k, acc[k]);
-  for (int64_t k = 0; i0 + k < size; ++k) one(i0 + k, acc[k]);
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += double(A[i0 + k]) * double(B[i0 + k]);
+  for (int64_t k = 0; i0 + k < size; ++k) acc[k] += double(A[i0 + k]) * double(B[i0 + k]);
   return sum_lanes(acc);
+}
+
+// Backward epilogue of one layer, in place on G: G <- c*G + r*U*1[X > 0] (+ extra, the loss
+// gradient of X_{l-1} when every representation is an output). Returns <G_in, X> for drho.
+// The dot and the (branch-free) update are separate loops over the cached chunk so each vectorizes.
+template <bool kExtra, typename scalar_t>
+void mask_leak_update(scalar_t* __restrict__ G, const scalar_t* __restrict__ U, const scalar_t* __restrict__ X,
+                      const scalar_t* __restrict__ extra, int64_t size, scalar_t c, scalar_t r) {
+  for (int64_t i = 0; i < size; ++i) {
+    scalar_t v = c * G[i] + r * keep_if_positive(X[i], U[i]);
+    if constexpr (kExtra) v += extra[i];
+    G[i] = v;
+  }
 }
 
 template <typename scalar_t>
 double mask_leak_rows(scalar_t* G, const scalar_t* U, const scalar_t* X, const scalar_t* extra, int64_t n,
                       int64_t w, scalar_t c, scalar_t r) {
-  return extra ? mask_leak_lanes<true>(G, U, X, extra, n * w, c, r)
-               : mask_leak_lanes<false>(G, U, X, extra, n * w, c, r);
+  const double dot = dot_lanes(G, X, n * w);
+  if (extra) mask_leak_update<true>(G, U, X, extra, n * w, c, r);
+  else mask_leak_update<false>(G, U, X, extra, n * w, c, r);
+  return dot;
 }
 
 // dW_l = r * sum_c Tp[c] over elements [i0, i1) (chunks in order); returns <sum_c Tp[c], W_l> there.
