@@ -102,12 +102,18 @@ def bench_small(name, N, w, L, dtype, tf32, args, rows):
     rows.append(res)
 
 
-def bench_rate(name, N, w, L, dtype, args, rows):
-    """Fused fwd+bwd rate against the dense matmul rate torch.matmul reaches in the same run."""
+def fused_row(name, N, w, L, dtype, args):
+    """A result row with the fused fwd+bwd time (TF32 allowed), and the weights it ran on."""
     torch.backends.cuda.matmul.allow_tf32 = True
     x0, W, rho, Lt, gout = make_inputs(N, w, L, dtype)
     res = {"name": name, "N": N, "w": w, "L": L, "dtype": str(dtype)}
     res["fused_ms"] = timeit(step_fn(leakycuda.leaky_stack, x0, W, rho, Lt, gout), reps=args.reps)
+    return res, W
+
+
+def bench_rate(name, N, w, L, dtype, args, rows):
+    """Fused fwd+bwd rate against the dense matmul rate torch.matmul reaches in the same run."""
+    res, W = fused_row(name, N, w, L, dtype, args)
     res["fwd_bwd_tflops"] = 3 * stack_flops(N, w, L) / (res["fused_ms"] * 1e-3) / 1e12
     a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
     ms = timeit(lambda: torch.matmul(a, a), reps=args.reps)
@@ -122,10 +128,7 @@ def bench_rate(name, N, w, L, dtype, args, rows):
 
 def bench_large(name, N, w, L, dtype, args, rows):
     """Large width: fused fwd+bwd against the same 3L GEMMs alone through torch.matmul."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    x0, W, rho, Lt, gout = make_inputs(N, w, L, dtype)
-    res = {"name": name, "N": N, "w": w, "L": L, "dtype": str(dtype)}
-    res["fused_ms"] = timeit(step_fn(leakycuda.leaky_stack, x0, W, rho, Lt, gout), reps=args.reps)
+    res, W = fused_row(name, N, w, L, dtype, args)
     S = torch.randn(N, w + 1, device="cuda", dtype=dtype)
     G = torch.randn(N, w, device="cuda", dtype=dtype)
     Wd = W.detach()

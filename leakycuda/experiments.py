@@ -3,12 +3,12 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import time
 
 import torch
 
 from . import plots
+from ._env import machine_info
 from .data import bottleneck_task
 from .module import LeakyResNet
 from .train import fit
@@ -68,16 +68,6 @@ FIG2 = {
                                    adam_steps=1000, sgd_steps=200), depths=(4, 8, 16),
                   schemes=("equidistant", "irregular", "adaptive"), a=0.9),
 }
-
-
-def machine_info(device):
-    """Where a run happened (for the JSON)."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": str(device)}
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
 
 
 def make_task(cfg, seed, device, dtype):

@@ -7,7 +7,7 @@ import torch
 from ._ops import ops
 
 
-def _as_rho(rho, like, name):
+def _as_rho(rho, like):
     if isinstance(rho, torch.Tensor):
         return rho
     return torch.as_tensor(rho, dtype=like.dtype, device=like.device)
@@ -54,7 +54,7 @@ def leaky_stack(x0, W, rho, Lt, *, return_all=False, checkpoint=None):
     """
     _check_tensor(x0, "x0", "[N, w]")
     _check_tensor(W, "W", "[L, w, w+1]")
-    rho = _as_rho(rho, x0, "rho")
+    rho = _as_rho(rho, x0)
     k = checkpoint_interval(W.shape[0] if W.dim() > 0 else 0, checkpoint)
     batch = x0.shape[:-1]
     flat = x0.dim() != 2 and x0.dim() > 0
@@ -74,7 +74,7 @@ def leaky_layer(x, W_l, rho_l, Lt):
     """
     _check_tensor(x, "x", "[N, w]")
     _check_tensor(W_l, "W_l", "[w, w+1]")
-    rho_l = _as_rho(rho_l, x, "rho_l")
+    rho_l = _as_rho(rho_l, x)
     shape = x.shape
     flat = x.dim() != 2 and x.dim() > 0
     if flat:
