@@ -13,9 +13,9 @@ import torch
 
 
 def fail(cls, name, expect, got):
-    """Raises cls("<name> must be <expect>, got <got>") with .expect and .got attached."""
+    """Raises cls("<name> must be <expect>, got <got>") with .name, .expect and .got attached."""
     err = cls("%s must be %s, got %s" % (name, expect, got))
-    err.expect, err.got = expect, got
+    err.name, err.expect, err.got = name, expect, got
     raise err
 
 
@@ -49,6 +49,18 @@ def real(value, name, *, low=None, strict=False, finite=True, what=""):
     if low is not None and (value < low or (strict and value == low)):
         fail(ValueError, name, expect, repr(value))
     return value
+
+
+def distinct(values, name, item, *, what="", sort=True):
+    """A non-empty sequence of distinct values, each passed through ``item(value, "each value of <name>")``;
+    returned as a tuple, sorted when ``sort`` (duplicates in a sweep would only run twice)."""
+    expect = "a non-empty list of distinct values%s" % _what(what)
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        fail(TypeError, name, expect, repr(values))
+    out = [item(v, "each value of %s" % name) for v in values]
+    if not out or len(set(out)) != len(out):
+        fail(ValueError, name, expect, repr(list(values)))
+    return tuple(sorted(out)) if sort else tuple(out)
 
 
 def choice(value, name, allowed, *, what=""):

@@ -232,8 +232,8 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     push some rho_l * Lt above 1; that is reported once, as a :class:`~leakycuda.steps.StepOvershootWarning`
     at the end of the call, and as ``FitResult.max_rho_Lt``.
 
-    History: every ``log_every`` steps (and after the last) a record of the loss, train and test MSE
-    and rho; written to ``history_path`` (JSON, plus a CSV beside it) at the end and at checkpoints.
+    History: every ``log_every`` steps, at the Adam -> SGD switch and after the last step, a record
+    of the loss, train and test MSE and rho; written to ``history_path`` (JSON, plus a CSV beside it) at the end and at checkpoints.
     Checkpoints: every ``checkpoint_every`` steps and at the end when ``checkpoint_path`` is given
     (model and optimizer state, step, history; ``torch.load(weights_only=True)`` loads them).
     ``resume=True`` continues from ``checkpoint_path`` when that file exists (the result is the same
@@ -407,7 +407,7 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
         if bar is not None:
             bar.update(1)
         due = checkpoint_every and step % checkpoint_every == 0 and step < total
-        if step % log_every == 0 or step == total:
+        if step % log_every == 0 or step == total or step == adam_steps:
             rec = evaluate()
             history.append(rec)
             check_divergence(rec)
