@@ -396,7 +396,10 @@ def main(argv=None):
     try:
         return args.func(args, prepared)
     except DivergenceError as e:
-        print("%s: error: %s" % (sub.prog, " ".join(str(e).split())), file=sys.stderr)
+        msg = " ".join(str(e).split())
+        for name, flag in (("adam_lr", "--lr"), ("sgd_lr", "--sgd-lr")):  # the hint names the flag to change
+            msg = msg.replace("lower %s" % name, "lower %s" % flag)
+        print("%s: error: %s" % (sub.prog, msg), file=sys.stderr)
         return 1
 
 

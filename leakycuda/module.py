@@ -24,9 +24,7 @@ _DTYPES = {"cpu": (torch.float32, torch.float64),
 
 
 def _positive_int(value, name, what):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError("%s must be a positive integer (%s), got %r" % (name, what, value))
-    return int(value)
+    return check.integer(value, name, low=1, what=what)
 
 
 def _check_factory(device, dtype):

@@ -78,6 +78,7 @@ def step_sizes(L, scheme="equidistant", a=0.0, *, dtype=None, device=None):
     L = check_depth(L)
     if dtype is not None:
         check.float_dtype(dtype)
+    device = check.device(device)
     scheme = check_scheme(scheme)
     a = check_irregularity(a)
     if scheme != "irregular" and a != 0.0:
@@ -209,6 +210,8 @@ def adaptive_step_sizes(xs, rho, *, eps=1e-8, reduce=None):
     """
     _check_rho(rho)
     _check_xs(xs, rho.numel())
+    if reduce is not None and not callable(reduce):
+        check.fail(TypeError, "reduce", "None or a callable that sums the [2, L] statistics over ranks", repr(reduce))
     stats = adaptive_statistics(xs)
     if reduce is not None:
         out = reduce(stats)

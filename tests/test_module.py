@@ -288,11 +288,11 @@ def test_warns_after_adapt_steps(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
-    ({"in_features": 0}, ValueError, "in_features must be a positive integer.*got 0"),
-    ({"out_features": 2.0}, ValueError, "out_features must be a positive integer.*got 2.0"),
-    ({"width": -1}, ValueError, "width must be a positive integer.*got -1"),
-    ({"depth": 0}, ValueError, "depth must be a positive integer.*got 0"),
-    ({"depth": True}, ValueError, "depth must be a positive integer"),
+    ({"in_features": 0}, ValueError, "in_features must be an integer >= 1 .*got 0"),
+    ({"out_features": 2.0}, TypeError, "out_features must be an integer >= 1 .*got 2.0"),
+    ({"width": -1}, ValueError, "width must be an integer >= 1 .*got -1"),
+    ({"depth": 0}, ValueError, "depth must be an integer >= 1 .*got 0"),
+    ({"depth": True}, TypeError, "depth must be an integer >= 1"),
     ({"effective_depth": -1.0}, ValueError, "effective_depth must be a finite real number Lt >= 0, got -1.0"),
     ({"effective_depth": float("inf")}, ValueError, "effective_depth must be a finite"),
     ({"effective_depth": "2"}, TypeError, "effective_depth must be a real number"),
