@@ -132,6 +132,7 @@ class Analysis:
         p = self.positions.numpy()
         pl = p[1:]
         fig, ax = plt.subplots(2, 2, figsize=(11, 8))
+        fig.suptitle("diagnostics: Lt = %g, lam = %g, gamma0 = %g" % (self.Lt, self.lam, self.gamma0))
         a = ax[0, 0]
         coi = torch.where(self.coi_infinite, torch.full_like(self.coi_exact, float("nan")), self.coi_exact)
         a.plot(p, coi.numpy(), label="COI (exact; gaps: infinite)")
@@ -140,20 +141,21 @@ class Analysis:
         a.plot(pl, self.rank_estimate.numpy(), "--", label="-2H/Lt")
         a.plot(p, self.rank_estimate_momentum.numpy(), ":", label="-2H_B/Lt (momentum)")
         a.set_yscale("symlog", linthresh=1.0)
-        a.set_xlabel("p"), a.set_title("ranks"), a.legend(fontsize=7)
+        a.set_xlabel("depth p"), a.set_ylabel("rank (symlog)"), a.set_title("ranks"), a.legend(fontsize=7)
         a = ax[0, 1]
         a.plot(pl, self.kinetic.numpy(), label="kinetic")
         a.plot(pl, self.potential.numpy(), label="potential")
         a.plot(pl, self.hamiltonian.numpy(), label="H (Lagrangian)")
         a.plot(p, self.hamiltonian_momentum.numpy(), ":", label="H (momentum)")
         a.set_yscale("symlog", linthresh=1.0)
-        a.set_xlabel("p"), a.set_title("energies"), a.legend(fontsize=7)
+        a.set_xlabel("depth p"), a.set_ylabel("energy (symlog)"), a.set_title("energies"), a.legend(fontsize=7)
         a = ax[1, 0]
         a.semilogy(p, self.sv_X.clamp_min(1e-300).numpy(), lw=0.8)
-        a.set_xlabel("p"), a.set_title("singular values of X_l")
+        a.set_xlabel("depth p"), a.set_ylabel("singular value"), a.set_title("singular values of X_l")
         a = ax[1, 1]
         a.semilogy(pl, self.sv_W.clamp_min(1e-300).numpy(), lw=0.8)
-        a.set_xlabel("p"), a.set_title("singular values of W_l (balance gap %.2g)" % self.balance_gap)
+        a.set_xlabel("depth p"), a.set_ylabel("singular value")
+        a.set_title("singular values of W_l (balance gap %.2g)" % self.balance_gap)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
