@@ -206,7 +206,8 @@ def rank_summary(stats):
     """Median, min and max over layers of -2H/Lt, min_l COI, and the integer bottleneck-rank estimate.
 
     The theory brackets the bottleneck rank: -2H/Lt <= k* <= min_l COI (both tighten as Lt grows).
-    ``rank`` is the integer nearest the middle of [median(-2H/Lt), min COI]; ``bracket_integers``
+    ``rank`` is the integer nearest the middle of [median(-2H/Lt), min COI] (at least 0: a rank is never
+    negative; None when an end is not finite); ``bracket_integers``
     counts the integers in that interval and ``bracket_ok`` says whether there is exactly one.
     """
     r = torch.tensor(stats["rank_estimate"], dtype=torch.float64)
@@ -215,7 +216,7 @@ def rank_summary(stats):
     ints = [k for k in range(max(0, math.ceil(lo)), math.floor(hi) + 1)] if math.isfinite(lo + hi) else []
     return {"rank_median": lo, "rank_min": float(r.min()), "rank_max": float(r.max()), "coi_min": hi,
             "coi_argmin_layer": int(coi.argmin()) + 1,
-            "rank": int(round((lo + hi) / 2)) if math.isfinite(lo + hi) else None,
+            "rank": max(0, int(round((lo + hi) / 2))) if math.isfinite(lo + hi) else None,
             "bracket_ok": len(ints) == 1, "bracket_integers": len(ints)}
 
 
