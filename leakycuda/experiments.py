@@ -18,7 +18,7 @@ from .steps import StepOvershootWarning, check_irregularity
 from .train import DivergenceError, fit
 
 __all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "plot_fig1",
-           "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run"]
+           "plot_demo", "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run"]
 
 
 @dataclasses.dataclass
@@ -303,18 +303,8 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
         log("  no integer lies in that bracket (the two estimates have not met k* yet); the nearest one is shown")
     elif summary["bracket_integers"] > 1:
         log("  the bracket holds %d integers: train longer or raise Lt to tighten it" % summary["bracket_integers"])
-    files = {
-        "spectra": plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
-                                      os.path.join(out, "spectra.png"), rank=task.rank,
-                                      title="Lt = %g, L = %d: singular values across depth" % (cfg.Lt, cfg.depth)),
-        "energies": plots.plot_energies(stats["p_mid"], stats["kinetic"], stats["potential"], stats["hamiltonian"],
-                                        os.path.join(out, "energies.png"), title="Lt = %g" % cfg.Lt),
-        "history_plot": plots.plot_history(result.history, os.path.join(out, "history.png"),
-                                           title="demo training: Lt = %g, L = %d, lam = %g" % (cfg.Lt, cfg.depth,
-                                                                                              cfg.lam)),
-        "history": os.path.join(out, "history.json"),
-        "history_csv": os.path.join(out, "history.csv"),
-    }
+    files = plot_demo({"config": dataclasses.asdict(cfg), "task": task.describe(), "layers": stats}, result.history, out)
+    files.update(history=os.path.join(out, "history.json"), history_csv=os.path.join(out, "history.csv"))
     files["json"] = os.path.join(out, "demo.json")
     _dump({"config": dataclasses.asdict(cfg), "seed": seed, "task": task.describe(), "machine": machine_info(device),
            "train_seconds": t_train, "final": fin, "summary": summary, "layers": stats,
@@ -436,14 +426,35 @@ def plot_fig2(data, out):
     spectra = {}
     for s in schemes:
         r = [r for r in data["runs"] if r["scheme"] == s and r["L"] == depths[-1]][0]
-        spectra[s] = (r["layers"]["p_mid"], r["layers"]["sv_w"])
+        spectra[s] = (r["layers"]["p_mid"], r["layers"]["sv_w"], r["layers"]["p"])
     return {"fig2a": plots.plot_fig2a(depths, data["test_mse"], os.path.join(out, "fig2a.png")),
             "fig2b": plots.plot_fig2b(spectra, os.path.join(out, "fig2b.png"), rank=k)}
 
 
+def plot_demo(data, history, out):
+    """The demo's PNGs from a demo.json dict and its history records: spectra.png, energies.png, history.png."""
+    cfg, stats, k = data["config"], data["layers"], data["task"]["rank"]
+    return {
+        "spectra": plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
+                                      os.path.join(out, "spectra.png"), rank=k,
+                                      title="Lt = %g, L = %d: singular values across depth" % (cfg["Lt"], cfg["depth"])),
+        "energies": plots.plot_energies(stats["p_mid"], stats["kinetic"], stats["potential"], stats["hamiltonian"],
+                                        os.path.join(out, "energies.png"), title="Lt = %g" % cfg["Lt"]),
+        "history_plot": plots.plot_history(history, os.path.join(out, "history.png"),
+                                           title="demo training: Lt = %g, L = %d, lam = %g"
+                                           % (cfg["Lt"], cfg["depth"], cfg["lam"]),
+                                           switch=cfg["adam_steps"] if cfg["adam_steps"] and cfg["sgd_steps"] else None),
+    }
+
+
 def replot(json_path, out=None):
-    """Redraws the PNGs of a figure run from its fig1.json or fig2.json into ``out`` (default: beside the JSON)."""
+    """Redraws the PNGs of a run from its fig1.json, fig2.json or demo.json (with the history.json beside it)
+    into ``out`` (default: beside the JSON)."""
     with open(json_path) as f:
         data = json.load(f)
-    out = out or os.path.dirname(os.path.abspath(json_path))
+    here = os.path.dirname(os.path.abspath(json_path))
+    out = out or here
+    if "figure" not in data:
+        with open(os.path.join(here, data.get("files", {}).get("history", "history.json"))) as f:
+            return plot_demo(data, json.load(f), out)
     return (plot_fig1 if data["figure"] == "fig1" else plot_fig2)(data, out)

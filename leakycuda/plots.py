@@ -207,30 +207,31 @@ def plot_fig2a(depths, errors, path, *, title=None):
 def plot_fig2b(panels, path, *, rank=None, top=12, title=None):
     """Weight spectra across p with the layer positions marked, one panel per scheme, as Fig. 2b.
 
-    panels: {scheme: (p [L], svals [L, k])}; the p_l are marked as ticks along the bottom of each panel
-    (they show where each scheme puts its layers).
+    panels: {scheme: (p_mid [L], svals [L, k]) or (p_mid, svals, p [L+1])}: the spectra are drawn at the
+    layer midpoints p_mid; the layer positions p_l (from ``p``, else p_mid) are ticks along the bottom of
+    each panel, showing where each scheme puts its layers.
     """
     plt = _plt()
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(3.1 * n, 3.3), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.1 * n + 0.6, 3.3), sharey=True, squeeze=False)
     labels = []
-    for ax, (scheme, (p, sv)) in zip(axes[0], panels.items()):
-        p = _np(p)
-        labels = _spectrum_panel(ax, p, sv, "%s steps" % scheme, top, rank)
-    for ax, (p, _) in zip(axes[0], panels.values()):
-        handle = _layer_ticks(ax, _np(p))
+    for ax, (scheme, (p_mid, sv, *edges)) in zip(axes[0], panels.items()):
+        labels = _spectrum_panel(ax, _np(p_mid), sv, "%s steps" % scheme, top, rank)
+    for ax, (p_mid, sv, *edges) in zip(axes[0], panels.values()):
+        handle = _layer_ticks(ax, _np(edges[0] if edges else p_mid))
     labels.append(handle)
     axes[0][0].set_ylabel("singular values of $W_p$")
-    axes[0][0].legend(*zip(*labels), fontsize=7, loc="best")
+    fig.legend(*zip(*labels), fontsize=8, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 0.0))
     L = len(next(iter(panels.values()))[0]) if panels else 0
     fig.suptitle(title or "Fig. 2b: weight spectra across depth at L = %d; ticks: where each scheme puts its layers"
                  % L, fontsize=10)
     return _save(fig, path)
 
 
-def plot_history(history, path, *, title=None):
+def plot_history(history, path, *, title=None, switch=None):
     """Loss (MSE + regularization), train MSE and test MSE against the optimizer step (from a fit history),
-    with the switch from Adam to SGD marked."""
+    with the switch from Adam to SGD marked at step ``switch`` (default: the last Adam record when SGD
+    records follow)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
     steps = [h["step"] for h in history]
@@ -243,8 +244,10 @@ def plot_history(history, path, *, title=None):
     if any(math.isfinite(h["test_mse"]) for h in history):
         ax.plot(steps, positive("test_mse"), label="test MSE")
     adam = [h["step"] for h in history if h.get("phase") == "adam"]
-    if adam and any(h.get("phase") == "sgd" for h in history):
-        ax.axvline(max(adam), color="0.3", ls="--", lw=0.8, label="Adam $\\to$ SGD at step %d" % max(adam))
+    if switch is None and adam and any(h.get("phase") == "sgd" for h in history):
+        switch = max(adam)
+    if switch is not None:
+        ax.axvline(switch, color="0.3", ls="--", lw=0.8, label="Adam $\\to$ SGD at step %d" % switch)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss / mean squared error")
     ax.grid(alpha=0.3)
