@@ -78,7 +78,9 @@ class BottleneckTask:
         return min(self.inner)
 
     def teacher(self, x):
-        """f*(x) for normalised inputs x [N, d] -> normalised outputs [N, d]."""
+        """f*(x) for normalised inputs x [N, d] (a floating tensor) -> normalised outputs [N, d]."""
+        check.matrix(x, "x", None, self.d, cols_name="d")
+        check.float_dtype(x.dtype, "x's dtype")
         mx, sx, my, sy = (t.to(x) for t in self._norm)
         z = x * sx + mx
         for net in self._nets:
@@ -86,7 +88,10 @@ class BottleneckTask:
         return (z - my) / sy
 
     def to(self, device=None, dtype=None):
-        """A copy with the four data tensors moved/cast (the teacher stays float64 internally)."""
+        """A copy with the four data tensors moved/cast to a floating dtype (the teacher stays float64 internally)."""
+        device = check.device(device)
+        if dtype is not None:
+            check.float_dtype(dtype)
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return dataclasses.replace(self, x_train=move(self.x_train), y_train=move(self.y_train),
                                    x_test=move(self.x_test), y_test=move(self.y_test))

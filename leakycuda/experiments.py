@@ -454,6 +454,9 @@ def replot(json_path, out=None):
         data = json.load(f)
     here = os.path.dirname(os.path.abspath(json_path))
     out = out or here
+    if not isinstance(data, dict) or not ("layers" in data or data.get("figure") in ("fig1", "fig2")):
+        check.fail(ValueError, "json_path", "a fig1.json, fig2.json or demo.json written by leakycuda",
+                   "%s, which is none of them" % json_path)
     if "figure" not in data:
         with open(os.path.join(here, data.get("files", {}).get("history", "history.json"))) as f:
             return plot_demo(data, json.load(f), out)

@@ -35,7 +35,14 @@ class DivergenceError(FloatingPointError):
 
 
 def mse(pred, target):
-    """The paper's data cost C = (1/N) ||pred - target||_F^2 (sum over outputs, mean over samples)."""
+    """The paper's data cost C = (1/N) ||pred - target||_F^2 (sum over outputs, mean over samples).
+
+    pred and target: tensors of the same shape [N, d] (no broadcasting).
+    """
+    check.tensor(pred, "pred", "[N, d]")
+    check.tensor(target, "target", "[N, d]")
+    if pred.shape != target.shape or pred.dim() < 1:
+        check.fail(ValueError, "target", "of pred's shape %s" % (list(pred.shape),), "shape %s" % (list(target.shape),))
     return (pred - target).square().sum() / pred.shape[0]
 
 

@@ -226,6 +226,9 @@ DATA = [
     bad("task-dtype-string", "data.bottleneck_task(dtype='float32')", "TypeError", "dtype"),
     bad("task-device-gpu", "data.bottleneck_task(device='gpu')", "ValueError", "device", "'gpu'"),
     bad("task-hidden-0", "data.bottleneck_task(hidden=0)", "ValueError", "hidden"),
+    bad("task-teacher-wrong-width", "task().teacher(torch.zeros(4, 5, dtype=F64))", "ValueError", "x", "d = 3"),
+    bad("task-to-int", "task().to(dtype=torch.int64)", "TypeError", "dtype"),
+    ok("task-teacher-matches-data", "t = task(); torch.testing.assert_close(t.teacher(t.x_train), t.y_train)"),
     ok("task-no-test-points", "t = task(n_test=0); assert t.x_test.shape == (0, 3) and t.rank == 2"),
     ok("task-rank-is-narrowest", "t = data.bottleneck_task(d=5, inner=(6, 3), n_train=6, n_test=2, hidden=4); "
        "assert t.rank == 3"),
@@ -360,6 +363,7 @@ TRAIN = [
     ok("fit-does-not-modify-task",
        "t = task(); x = t.x_train.clone(); train.fit(model(), t, 1e-2, adam_steps=2, sgd_steps=0)\n"
        "assert torch.equal(x, t.x_train)"),
+    bad("mse-broadcast-refused", "train.mse(torch.zeros(4, 3), torch.zeros(4, 1))", "ValueError", "target", "[4, 3]"),
     bad("checkpoint-corrupt", "import os\np = os.path.join(tmp, 'c.pt'); open(p, 'wb').write(b'not a checkpoint')\n"
         "train.load_checkpoint(p)", "ValueError", "c.pt", "corrupt"),
     bad("checkpoint-truncated",
@@ -407,6 +411,8 @@ EXPERIMENTS = [
     bad("runconfig-Lt-0", "experiments.RunConfig(Lt=0.0).check()", "ValueError", "Lt"),
     bad("runconfig-width-string", "experiments.RunConfig(width='64').check()", "TypeError", "width"),
     bad("runconfig-inner-wider-than-d", "experiments.RunConfig(inner=(40,)).check()", "ValueError", "inner"),
+    bad("replot-not-a-result", "import json, os\np = os.path.join(tmp, 'x.json'); json.dump({'a': 1}, open(p, 'w'))\n"
+        "experiments.replot(p)", "ValueError", "json_path", "x.json"),
     bad("run-demo-unwritable-out", "experiments.run_demo('/proc/leakycuda_out')", "ValueError", "out"),
     bad("run-demo-seed-negative", "experiments.run_demo(tmp, seed=-1)", "ValueError", "seed"),
     bad("run-fig1-no-Lts", "experiments.run_fig1(tmp, Lts=[])", "ValueError", "Lts"),
