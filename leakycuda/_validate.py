@@ -97,6 +97,8 @@ def device(value, name="device"):
                  % (torch.__version__, "; it is a CPU build" if torch.version.cuda is None else ""), repr(str(dev)))
         if dev.index is not None and dev.index >= count:
             fail(ValueError, name, "cuda:0..cuda:%d (torch sees %d CUDA device(s))" % (count - 1, count), repr(str(dev)))
+    elif dev.type == "cpu" and dev.index not in (None, 0):
+        fail(ValueError, name, "'cpu' (there is one CPU device)", repr(str(dev)))
     elif dev.type not in ("cpu", "meta"):
         fail(ValueError, name, "'cpu' or 'cuda[:i]' (leakycuda has CPU and CUDA kernels)", repr(str(dev)))
     return dev

@@ -117,6 +117,8 @@ def check_run(cfg, out, *, seeds=(0,), device="cpu", dtype=torch.float32, **swee
         seeds = range(check.integer(seeds, "seeds", low=1, what="a count"))
     seeds = list(check.distinct(seeds, "seeds", lambda v, n: check.integer(v, n, low=0), sort=False))
     device = check.device(device)
+    if device.type == "meta":
+        check.fail(ValueError, "device", "'cpu' or 'cuda[:i]' (a run computes real numbers)", "'meta'")
     dtype = check.float_dtype(dtype)
     items = {"Lts": lambda v, n: check.real(v, n, low=0.0, strict=True, what="an effective depth"),
              "depths": lambda v, n: check.integer(v, n, low=1, what="a number of layers"),

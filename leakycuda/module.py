@@ -190,6 +190,9 @@ class LeakyResNet(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             check.fail(ValueError, "x", "[N, in_features] = [N, %d]" % self.in_features, "shape %s" % (list(x.shape),))
         P = self.proj_in
+        if P.dtype not in _DTYPES.get(P.device.type, (P.dtype,)):
+            check.fail(TypeError, "the model's dtype", "one of %s on %s (convert it with model.to(...))"
+                       % (", ".join(map(str, _DTYPES[P.device.type])), P.device.type), str(P.dtype))
         if x.dtype != P.dtype:
             check.fail(TypeError, "x", "of the model's dtype %s (cast it with x.to(%s), or the model with "
                        "model.to(%s))" % (P.dtype, P.dtype, x.dtype), str(x.dtype))
