@@ -103,23 +103,29 @@ def layer_stats(model, x, gamma0=1e-2, *, top=None):
     p: the depths p_0..p_L of X_0..X_L; p_mid: the midpoints of the layers (where W_l and the layer
     energies are drawn); coi, kinetic, potential, hamiltonian, rank_estimate (-2H/Lt), per layer l = 1..L
     from :func:`leakycuda.energies.energies` (metric from X_{l-1}, gamma_p = gamma0 ||sigma(X_p)||_op^2);
-    sv_x [L+1][k] and sv_w [L][k]: singular values of X_l and W_l.
+    sv_x [L+1][k] and sv_w [L][k]: singular values of X_l and W_l; sv_x_centred [L+1][k] and mean_share [L+1]:
+    those of X_l minus its batch mean and the mean's share of ||X_l||_F^2
+    (:func:`leakycuda.diagnostics.centred_spectra`); sv_w_centred [L][k] and weight_mean [L]: W_l with the
+    direction of its mean output split off (:func:`leakycuda.diagnostics.weight_mean_split`).
     """
+    from .diagnostics import centred_spectra, weight_mean_split
     from .energies import energies
 
     xs = model.representations(x).detach().double()
     rho = model.rho.detach().double()
     e = energies(xs, rho, model.Lt, gamma0=gamma0)
     p = torch.cat([rho.new_zeros(1), rho.cumsum(0)]).cpu()
-    sv_x = torch.linalg.svdvals(xs).cpu()
-    sv_w = torch.linalg.svdvals(model.weight.detach().double()).cpu()
-    if top is not None:
-        sv_x, sv_w = sv_x[:, :top], sv_w[:, :top]
+    W = model.weight.detach().double()
+    centred, split = centred_spectra(xs), weight_mean_split(W, xs)
+    spectra = {"sv_x": torch.linalg.svdvals(xs), "sv_w": torch.linalg.svdvals(W), "sv_x_centred": centred.sv,
+               "sv_w_centred": split.sv}
     out = {"p": p.tolist(), "p_mid": ((p[1:] + p[:-1]) / 2).tolist(), "rho": rho.cpu().tolist()}
     for name in ("coi", "kinetic", "potential", "hamiltonian", "rank_estimate"):
         out[name] = _field(e, name).tolist()
-    out["sv_x"] = sv_x.tolist()
-    out["sv_w"] = sv_w.tolist()
+    for name, sv in spectra.items():
+        out[name] = (sv if top is None else sv[:, :top]).cpu().tolist()
+    out["mean_share"] = centred.mean_share.cpu().tolist()
+    out["weight_mean"] = split.weight_mean.cpu().tolist()
     return out
 
 
@@ -129,15 +135,24 @@ def rank_summary(stats):
     The theory brackets the bottleneck rank: -2H/Lt <= k* <= min_l COI (both tighten as Lt grows).
     ``rank`` is the integer nearest the middle of [median(-2H/Lt), min COI]; ``bracket_integers``
     counts the integers in that interval and ``bracket_ok`` says whether there is exactly one.
+    With centred spectra in ``stats`` (:func:`layer_stats`), also the middle representation X_m (m = L//2):
+    ``sv_x_centred_mid`` (its top 6 centred singular values), ``centred_count_mid`` (how many exceed 10% of
+    the largest) and ``mean_share_mid``.
     """
     r = torch.tensor(stats["rank_estimate"], dtype=torch.float64)
     coi = torch.tensor(stats["coi"], dtype=torch.float64)
     lo, hi = float(r.median()), float(coi.min())
     ints = [k for k in range(max(0, math.ceil(lo)), math.floor(hi) + 1)] if math.isfinite(lo + hi) else []
-    return {"rank_median": lo, "rank_min": float(r.min()), "rank_max": float(r.max()), "coi_min": hi,
-            "coi_argmin_layer": int(coi.argmin()) + 1,
-            "rank": int(round((lo + hi) / 2)) if math.isfinite(lo + hi) else None,
-            "bracket_ok": len(ints) == 1, "bracket_integers": len(ints)}
+    out = {"rank_median": lo, "rank_min": float(r.min()), "rank_max": float(r.max()), "coi_min": hi,
+           "coi_argmin_layer": int(coi.argmin()) + 1,
+           "rank": int(round((lo + hi) / 2)) if math.isfinite(lo + hi) else None,
+           "bracket_ok": len(ints) == 1, "bracket_integers": len(ints)}
+    if "sv_x_centred" in stats:
+        mid = len(stats["sv_x_centred"]) // 2
+        sv = stats["sv_x_centred"][mid]
+        out.update(mid_layer=mid, sv_x_centred_mid=sv[:6], mean_share_mid=stats["mean_share"][mid],
+                   centred_count_mid=sum(v > 0.1 * sv[0] for v in sv) if sv and sv[0] > 0 else 0)
+    return out
 
 
 def layer_table(report):
@@ -166,6 +181,13 @@ def layer_table(report):
 def _final(result):
     f = result.final
     return {k: f[k] for k in ("loss", "train_mse", "reg", "test_mse")}
+
+
+def _convergence(model, task, lam):
+    """The run's :class:`leakycuda.diagnostics.Convergence` on the training set, as a plain dict."""
+    from .diagnostics import convergence
+
+    return convergence(model, task.x_train, task.y_train, lam).to_dict()
 
 
 def _dump(obj, path):
@@ -216,6 +238,7 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
     files["json"] = os.path.join(out, "demo.json")
     _dump({"config": dataclasses.asdict(cfg), "seed": seed, "task": task.describe(), "machine": machine_info(device),
            "train_seconds": t_train, "final": fin, "summary": summary, "layers": stats,
+           "convergence": _convergence(model, task, cfg.lam),
            "diagnostics": json.loads(report.to_json()), "files": _names(files)}, files["json"])
     log("")
     log("wrote %s" % ", ".join(files[k] for k in ("spectra", "energies", "history_plot", "json")))
@@ -254,10 +277,13 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
             stats = layer_stats(model, task.x_train, c.gamma0, top=20)
             summary = rank_summary(stats)
             runs.append({"Lt": Lt, "seed": seed, "init": c.resolved_init(), "seconds": time.perf_counter() - t,
-                         "final": _final(result), "summary": summary, "layers": stats})
-            log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  (%.0f s)"
+                         "final": _final(result), "summary": summary, "layers": stats,
+                         "convergence": _convergence(model, task, c.lam)})
+            log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  "
+                "stationarity %.2g  (%.0f s)"
                 % (Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
-                   summary["rank_max"], summary["coi_min"], runs[-1]["seconds"]))
+                   summary["rank_max"], summary["coi_min"], runs[-1]["convergence"]["stationarity_max"],
+                   runs[-1]["seconds"]))
     data = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
             "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs}
     files = plot_fig1(data, out)
@@ -289,9 +315,11 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
                                                 desc="fig2 %s L=%d seed=%d" % (scheme, L, seed))
                 stats = layer_stats(model, task.x_train, c.gamma0, top=20)
                 runs.append({"scheme": scheme, "L": L, "seed": seed, "seconds": time.perf_counter() - t,
-                             "final": _final(result), "summary": rank_summary(stats), "layers": stats})
-                log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  (%.0f s)"
-                    % (scheme, L, seed, result.final["test_mse"], result.final["train_mse"], runs[-1]["seconds"]))
+                             "final": _final(result), "summary": rank_summary(stats), "layers": stats,
+                             "convergence": _convergence(model, task, c.lam)})
+                log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  stationarity %.2g  (%.0f s)"
+                    % (scheme, L, seed, result.final["test_mse"], result.final["train_mse"],
+                       runs[-1]["convergence"]["stationarity_max"], runs[-1]["seconds"]))
     data = {"figure": "fig2", "quick": quick, "config": dataclasses.asdict(cfg), "depths": list(depths),
             "schemes": list(schemes), "a": preset["a"], "seeds": seeds, "machine": machine_info(device),
             "seconds": time.perf_counter() - t0, "runs": runs,
