@@ -11,6 +11,7 @@ from . import plots
 from ._env import machine_info
 from .data import bottleneck_task
 from .module import LeakyResNet
+from .recipes import continue_run, refine
 from .train import fit
 
 __all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "plot_fig1",
@@ -38,6 +39,16 @@ class RunConfig:
     sgd_lr: float = 1e-3
     adapt_every: int = 50
     gamma0: float = 1e-2
+    # Recipe options (leakycuda.recipes; off by default). In a sweep over Lt, a run with Lt >= continue_above
+    # warm-starts from the previous Lt's trained model of the same seed (shifted to the new Lt, ridge
+    # continue_gamma0) and trains continue_steps Adam + sgd_steps SGD steps instead of starting from init.
+    continue_above: float = math.inf
+    continue_steps: int = 3000
+    continue_gamma0: float = 1e-2
+    # After training: up to refine_steps L-BFGS iterations on W (projections fixed) in float64, stopping early
+    # once the relative stationarity residual (max over layers) is <= refine_target.
+    refine_steps: int = 0
+    refine_target: float = 1e-2
 
     def resolved_init(self):
         """ "auto": a random init below Lt = 8, V_l ≈ Lt*I + noise from Lt = 8 on.
@@ -76,10 +87,17 @@ def make_task(cfg, seed, device, dtype):
 
 
 def train_run(cfg, seed=0, *, device="cpu", dtype=torch.float32, task=None, progress=None, desc=None,
-              history_path=None, checkpoint_path=None):
-    """Builds the task and a LeakyResNet (both seeded by ``seed``) and fits them; returns (model, task, result)."""
+              history_path=None, checkpoint_path=None, start=None):
+    """Builds the task and a LeakyResNet (both seeded by ``seed``) and fits them; returns (model, task, result).
+
+    ``start``: a trained model to warm-start from instead (:func:`leakycuda.recipes.continue_run`: shifted to
+    ``cfg.Lt``, then ``cfg.continue_steps`` Adam + ``cfg.sgd_steps`` SGD steps).
+    """
     if task is None:
         task = make_task(cfg, seed, device, dtype)
+    if start is not None:
+        model, result, _ = continue_run(start, cfg, task, progress=progress, desc=desc)
+        return model, task, result
     torch.manual_seed(1000 + seed)
     model = LeakyResNet(task.d, task.d, cfg.width, cfg.depth, cfg.Lt, steps=cfg.steps,
                         a=cfg.a if cfg.steps == "irregular" else 0.0, init=cfg.resolved_init(),
@@ -183,6 +201,19 @@ def _final(result):
     return {k: f[k] for k in ("loss", "train_mse", "reg", "test_mse")}
 
 
+def _train(cfg, seed, *, start, device, dtype, progress, desc):
+    """train_run (warm-started from ``start`` when given), then cfg.refine_steps of L-BFGS refinement;
+    returns (model, task, result, extra) with extra = {"warm_start": bool, "refine": dict or None}."""
+    model, task, result = train_run(cfg, seed, device=device, dtype=dtype, progress=progress, desc=desc,
+                                    start=start)
+    extra = {"warm_start": start is not None, "refine": None}
+    if cfg.refine_steps > 0:
+        r = refine(model, task, cfg.lam, iterations=cfg.refine_steps, target=cfg.refine_target)
+        extra["refine"] = {"iterations": r.iterations, "evaluations": r.evaluations, "seconds": r.wall_s,
+                           "reached": r.reached, "history": r.history}
+    return model, task, result, extra
+
+
 def _convergence(model, task, lam):
     """The run's :class:`leakycuda.diagnostics.Convergence` on the training set, as a plain dict."""
     from .diagnostics import convergence
@@ -267,18 +298,20 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
     Lts = tuple(float(v) for v in (Lts or preset["Lts"]))
     seeds = _seed_list(seeds)
     t0 = time.perf_counter()
-    runs = []
+    runs, previous = [], {}
     for Lt in Lts:
         for seed in seeds:
             c = dataclasses.replace(cfg, Lt=Lt)
             t = time.perf_counter()
-            model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress,
-                                            desc="fig1 Lt=%g seed=%d" % (Lt, seed))
+            start = previous.get(seed) if Lt >= c.continue_above else None
+            model, task, result, extra = _train(c, seed, start=start, device=device, dtype=dtype,
+                                                progress=progress, desc="fig1 Lt=%g seed=%d" % (Lt, seed))
+            previous[seed] = model
             stats = layer_stats(model, task.x_train, c.gamma0, top=20)
             summary = rank_summary(stats)
-            runs.append({"Lt": Lt, "seed": seed, "init": c.resolved_init(), "seconds": time.perf_counter() - t,
-                         "final": _final(result), "summary": summary, "layers": stats,
-                         "convergence": _convergence(model, task, c.lam)})
+            runs.append({"Lt": Lt, "seed": seed, "init": "warm start" if start is not None else c.resolved_init(),
+                         "seconds": time.perf_counter() - t, "final": _final(result), "summary": summary,
+                         "layers": stats, "convergence": _convergence(model, task, c.lam), **extra})
             log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  "
                 "stationarity %.2g  (%.0f s)"
                 % (Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
@@ -311,12 +344,12 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
             for seed in seeds:
                 c = dataclasses.replace(cfg, depth=L, steps=scheme, a=preset["a"] if scheme == "irregular" else 0.0)
                 t = time.perf_counter()
-                model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress,
-                                                desc="fig2 %s L=%d seed=%d" % (scheme, L, seed))
+                model, task, result, extra = _train(c, seed, start=None, device=device, dtype=dtype,
+                                                    progress=progress, desc="fig2 %s L=%d seed=%d" % (scheme, L, seed))
                 stats = layer_stats(model, task.x_train, c.gamma0, top=20)
                 runs.append({"scheme": scheme, "L": L, "seed": seed, "seconds": time.perf_counter() - t,
                              "final": _final(result), "summary": rank_summary(stats), "layers": stats,
-                             "convergence": _convergence(model, task, c.lam)})
+                             "convergence": _convergence(model, task, c.lam), **extra})
                 log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  stationarity %.2g  (%.0f s)"
                     % (scheme, L, seed, result.final["test_mse"], result.final["train_mse"],
                        runs[-1]["convergence"]["stationarity_max"], runs[-1]["seconds"]))
@@ -337,9 +370,12 @@ def plot_fig1(data, out):
     """The Fig. 1 PNGs from a fig1.json dict: fig1a.png, and the spectra and energies of the largest Lt (first seed)."""
     runs, Lts, k = data["runs"], data["Lts"], min(data["config"]["inner"])
     grid = lambda key: [[r["summary"][key] for r in runs if r["Lt"] == Lt] for Lt in Lts]  # noqa: E731
-    switch = next((r["Lt"] for r in runs if r.get("init") == "identity"), None)
+    first = next((r for r in runs if r.get("init") in ("identity", "warm start")), None)
     files = {"fig1a": plots.plot_fig1a(Lts, grid("rank_median"), grid("rank_min"), grid("rank_max"), grid("coi_min"),
-                                       os.path.join(out, "fig1a.png"), k_star=k, init_switch=switch)}
+                                       os.path.join(out, "fig1a.png"), k_star=k,
+                                       init_switch=first and first["Lt"],
+                                       init_label="identity init" if first is None or first["init"] == "identity"
+                                       else "warm start from the previous Lt")}
     last = [r for r in runs if r["Lt"] == Lts[-1]][0]
     stats, Lt, L = last["layers"], last["Lt"], data["config"]["depth"]
     files["fig1b"] = plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],

@@ -76,12 +76,13 @@ def plot_energies(p, kinetic, potential, hamiltonian, path, *, title=None):
 
 
 def plot_fig1a(Lts, rank_median, rank_min, rank_max, coi_min, path, *, k_star=None, stable_rank_min=None,
-               init_switch=None):
+               init_switch=None, init_label="identity init"):
     """Rank estimate -2H/Lt (median over layers, min-max band) and min_l COI against Lt, as Fig. 1a.
 
     Each argument is [n_Lt] or [n_Lt, n_seeds] (seeds are averaged, their spread is drawn as error bars).
     With ``k_star`` the y-axis is clipped to [-k*, 4 k*] (the full values are in the JSON);
-    ``init_switch``: the Lt from which the identity init was used, marked by a dotted line.
+    ``init_switch``: the Lt from which the identity init (or another start, named by ``init_label``) was
+    used, marked by a dotted line.
     """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
@@ -110,7 +111,7 @@ def plot_fig1a(Lts, rank_median, rank_min, rank_max, coi_min, path, *, k_star=No
         ax.set_ylabel("rank (clipped to [-k*, 4k*])")
     if init_switch is not None:
         ax.axvline(init_switch, color="0.5", ls=":", lw=0.8)
-        ax.text(init_switch, ax.get_ylim()[1], " identity init", fontsize=7, va="top", color="0.4")
+        ax.text(init_switch, ax.get_ylim()[1], " " + init_label, fontsize=7, va="top", color="0.4")
     ax.set_xlabel("effective depth $\\tilde L$")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
