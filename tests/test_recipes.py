@@ -116,8 +116,32 @@ def test_refine_lowers_the_loss_and_reports_convergence():
     assert not torch.equal(model.proj_in.detach(), P)
     with pytest.raises(ValueError, match="params"):
         recipes.refine(model, task, 1e-2, params="bias")
+    with pytest.raises(ValueError, match="precondition"):
+        recipes.refine(model, task, 1e-2, precondition=0.0)
     with pytest.raises(ValueError, match="iterations"):
         recipes.refine(model, task, 1e-2, iterations=-1)
+
+
+@pytest.mark.parametrize("precondition", [None, 1e-4])
+def test_refine_preconditioned_and_plain_agree_on_the_problem(precondition):
+    # both minimise the same loss in W: the loss falls, the projections stay, and the whitener is exact
+    task = _tiny_task(1)
+    torch.manual_seed(1)
+    model = lc.LeakyResNet(4, 4, 6, 4, 2.0, dtype=torch.float64)
+    x = task.x_train.double()
+    A, A_inv = recipes._input_whitener(model, x, 1e-4)
+    torch.testing.assert_close(A @ A_inv, torch.eye(7, dtype=torch.float64).expand(4, 7, 7), rtol=0, atol=1e-9)
+    S = R.sigma(model.representations(x).detach()[:-1])
+    G = S.mT @ S / x.shape[0]
+    lmax = torch.linalg.eigvalsh(G)[:, -1:]
+    eye = torch.eye(7, dtype=torch.float64)
+    torch.testing.assert_close(A @ (G + 1e-4 * lmax[..., None] * eye) @ A, eye.expand(4, 7, 7), rtol=0, atol=1e-8)
+    P = model.proj_out.detach().clone()
+    before = diagnostics.convergence(model, task.x_train, task.y_train, 1e-2).loss
+    r = recipes.refine(model, task, 1e-2, iterations=40, check_every=20, target=0.0, precondition=precondition)
+    assert r.history[-1]["loss"] < 0.5 * before and torch.equal(model.proj_out.detach(), P)
+    assert r.history[-1]["loss"] == pytest.approx(diagnostics.convergence(model, task.x_train, task.y_train,
+                                                                          1e-2).loss, rel=1e-12)
 
 
 def test_continuation_in_a_fig1_sweep(tmp_path):
