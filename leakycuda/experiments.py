@@ -14,6 +14,7 @@ from . import plots
 from ._env import machine_info
 from .data import TEACHERS, bottleneck_task
 from .module import INITS, STEP_SCHEMES, LeakyResNet
+from .recipes import continue_run, refine
 from .steps import StepOvershootWarning, check_irregularity
 from .train import DivergenceError, fit
 
@@ -42,6 +43,16 @@ class RunConfig:
     sgd_lr: float = 1e-3
     adapt_every: int = 50
     gamma0: float = 1e-2
+    # Recipe options (leakycuda.recipes; off by default). In a sweep over Lt, a run with Lt >= continue_above
+    # warm-starts from the previous Lt's trained model of the same seed (shifted to the new Lt, ridge
+    # continue_gamma0) and trains continue_steps Adam + sgd_steps SGD steps instead of starting from init.
+    continue_above: float = math.inf
+    continue_steps: int = 3000
+    continue_gamma0: float = 1e-2
+    # After training: up to refine_steps L-BFGS iterations on W (projections fixed) in float64, stopping early
+    # once the relative stationarity residual (max over layers) is <= refine_target.
+    refine_steps: int = 0
+    refine_target: float = 1e-2
 
     def check(self):
         """Checks every field (ValueError / TypeError naming it), so that a run fails before any training.
@@ -67,6 +78,14 @@ class RunConfig:
         check.real(self.sgd_lr, "sgd_lr", low=0.0, strict=True, what="the SGD learning rate")
         check.integer(self.adapt_every, "adapt_every", low=1)
         check.real(self.gamma0, "gamma0", low=0.0, strict=True, what="the relative ridge of COI_gamma")
+        check.real(self.continue_above, "continue_above", low=0.0, finite=False,
+                   what="the Lt from which a sweep warm-starts from the previous Lt")
+        check.integer(self.continue_steps, "continue_steps", low=0, what="Adam steps after a warm start")
+        check.real(self.continue_gamma0, "continue_gamma0", low=0.0, strict=True,
+                   what="the relative ridge of the warm start's weight shift")
+        check.integer(self.refine_steps, "refine_steps", low=0, what="L-BFGS refinement iterations")
+        check.real(self.refine_target, "refine_target", low=0.0, strict=True,
+                   what="the stationarity residual at which refinement stops")
         return self
 
     def resolved_init(self):
@@ -135,14 +154,19 @@ def make_task(cfg, seed, device, dtype):
 
 
 def train_run(cfg, seed=0, *, device="cpu", dtype=torch.float32, task=None, progress=None, desc=None,
-              history_path=None, checkpoint_path=None):
+              history_path=None, checkpoint_path=None, start=None):
     """Builds the task and a LeakyResNet (both seeded by ``seed``) and fits them; returns (model, task, result).
 
+    ``start``: a trained model to warm-start from instead (:func:`leakycuda.recipes.continue_run`: shifted to
+    ``cfg.Lt``, then ``cfg.continue_steps`` Adam + ``cfg.sgd_steps`` SGD steps).
     Steps with rho_l * Lt > 1 (from the settings or from adaptive updates) are not warned about here:
     ``result.max_rho_Lt`` holds the largest value reached, and the runners print it with the run.
     """
     if task is None:
         task = make_task(cfg, seed, device, dtype)
+    if start is not None:
+        model, result, _ = continue_run(start, cfg, task, progress=progress, desc=desc)
+        return model, task, result
     torch.manual_seed(1000 + seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StepOvershootWarning)
@@ -184,23 +208,29 @@ def layer_stats(model, x, gamma0=1e-2, *, top=None):
     p: the depths p_0..p_L of X_0..X_L; p_mid: the midpoints of the layers (where W_l and the layer
     energies are drawn); coi, kinetic, potential, hamiltonian, rank_estimate (-2H/Lt), per layer l = 1..L
     from :func:`leakycuda.energies.energies` (metric from X_{l-1}, gamma_p = gamma0 ||sigma(X_p)||_op^2);
-    sv_x [L+1][k] and sv_w [L][k]: singular values of X_l and W_l.
+    sv_x [L+1][k] and sv_w [L][k]: singular values of X_l and W_l; sv_x_centred [L+1][k] and mean_share [L+1]:
+    those of X_l minus its batch mean and the mean's share of ||X_l||_F^2
+    (:func:`leakycuda.diagnostics.centred_spectra`); sv_w_centred [L][k] and weight_mean [L]: W_l with the
+    direction of its mean output split off (:func:`leakycuda.diagnostics.weight_mean_split`).
     """
+    from .diagnostics import centred_spectra, weight_mean_split
     from .energies import energies
 
     xs = model.representations(x).detach().double()
     rho = model.rho.detach().double()
     e = energies(xs, rho, model.Lt, gamma0=gamma0)
     p = torch.cat([rho.new_zeros(1), rho.cumsum(0)]).cpu()
-    sv_x = torch.linalg.svdvals(xs).cpu()
-    sv_w = torch.linalg.svdvals(model.weight.detach().double()).cpu()
-    if top is not None:
-        sv_x, sv_w = sv_x[:, :top], sv_w[:, :top]
+    W = model.weight.detach().double()
+    centred, split = centred_spectra(xs), weight_mean_split(W, xs)
+    spectra = {"sv_x": torch.linalg.svdvals(xs), "sv_w": torch.linalg.svdvals(W), "sv_x_centred": centred.sv,
+               "sv_w_centred": split.sv}
     out = {"p": p.tolist(), "p_mid": ((p[1:] + p[:-1]) / 2).tolist(), "rho": rho.cpu().tolist()}
     for name in ("coi", "kinetic", "potential", "hamiltonian", "rank_estimate"):
         out[name] = _field(e, name).tolist()
-    out["sv_x"] = sv_x.tolist()
-    out["sv_w"] = sv_w.tolist()
+    for name, sv in spectra.items():
+        out[name] = (sv if top is None else sv[:, :top]).cpu().tolist()
+    out["mean_share"] = centred.mean_share.cpu().tolist()
+    out["weight_mean"] = split.weight_mean.cpu().tolist()
     return out
 
 
@@ -211,15 +241,24 @@ def rank_summary(stats):
     ``rank`` is the integer nearest the middle of [median(-2H/Lt), min COI] (at least 0: a rank is never
     negative; None when an end is not finite); ``bracket_integers``
     counts the integers in that interval and ``bracket_ok`` says whether there is exactly one.
+    With centred spectra in ``stats`` (:func:`layer_stats`), also the middle representation X_m (m = L//2):
+    ``sv_x_centred_mid`` (its top 6 centred singular values), ``centred_count_mid`` (how many exceed 10% of
+    the largest) and ``mean_share_mid``.
     """
     r = torch.tensor(stats["rank_estimate"], dtype=torch.float64)
     coi = torch.tensor(stats["coi"], dtype=torch.float64)
     lo, hi = float(r.median()), float(coi.min())
     ints = [k for k in range(max(0, math.ceil(lo)), math.floor(hi) + 1)] if math.isfinite(lo + hi) else []
-    return {"rank_median": lo, "rank_min": float(r.min()), "rank_max": float(r.max()), "coi_min": hi,
-            "coi_argmin_layer": int(coi.argmin()) + 1,
-            "rank": max(0, int(round((lo + hi) / 2))) if math.isfinite(lo + hi) else None,
-            "bracket_ok": len(ints) == 1, "bracket_integers": len(ints)}
+    out = {"rank_median": lo, "rank_min": float(r.min()), "rank_max": float(r.max()), "coi_min": hi,
+           "coi_argmin_layer": int(coi.argmin()) + 1,
+           "rank": max(0, int(round((lo + hi) / 2))) if math.isfinite(lo + hi) else None,
+           "bracket_ok": len(ints) == 1, "bracket_integers": len(ints)}
+    if "sv_x_centred" in stats:
+        mid = len(stats["sv_x_centred"]) // 2
+        sv = stats["sv_x_centred"][mid]
+        out.update(mid_layer=mid, sv_x_centred_mid=sv[:6], mean_share_mid=stats["mean_share"][mid],
+                   centred_count_mid=sum(v > 0.1 * sv[0] for v in sv) if sv and sv[0] > 0 else 0)
+    return out
 
 
 def layer_table(report):
@@ -267,6 +306,26 @@ def _final(result):
     return {k: f[k] for k in ("loss", "train_mse", "reg", "test_mse")}
 
 
+def _train(cfg, seed, *, start, device, dtype, progress, desc):
+    """train_run (warm-started from ``start`` when given), then cfg.refine_steps of L-BFGS refinement;
+    returns (model, task, result, extra) with extra = {"warm_start": bool, "refine": dict or None}."""
+    model, task, result = train_run(cfg, seed, device=device, dtype=dtype, progress=progress, desc=desc,
+                                    start=start)
+    extra = {"warm_start": start is not None, "refine": None}
+    if cfg.refine_steps > 0:
+        r = refine(model, task, cfg.lam, iterations=cfg.refine_steps, target=cfg.refine_target)
+        extra["refine"] = {"iterations": r.iterations, "evaluations": r.evaluations, "seconds": r.wall_s,
+                           "reached": r.reached, "history": r.history}
+    return model, task, result, extra
+
+
+def _convergence(model, task, lam):
+    """The run's :class:`leakycuda.diagnostics.Convergence` on the training set, as a plain dict."""
+    from .diagnostics import convergence
+
+    return convergence(model, task.x_train, task.y_train, lam).to_dict()
+
+
 def _dump(obj, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -310,6 +369,7 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
     files["json"] = os.path.join(out, "demo.json")
     _dump({"config": dataclasses.asdict(cfg), "seed": seed, "task": task.describe(), "machine": machine_info(device),
            "train_seconds": t_train, "final": fin, "summary": summary, "layers": stats,
+           "convergence": _convergence(model, task, cfg.lam),
            "diagnostics": json.loads(report.to_json()), "files": _names(files)}, files["json"])
     log("")
     log("wrote %s" % ", ".join(files[k] for k in ("spectra", "energies", "history_plot", "history", "history_csv",
@@ -336,22 +396,28 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
                                                       Lts=preset["Lts"] if Lts is None else Lts)
     Lts = sweep["Lts"]
     t0 = time.perf_counter()
-    runs = []
+    runs, previous = [], {}
     for Lt in Lts:
         for seed in seeds:
             c = dataclasses.replace(cfg, Lt=Lt)
             t = time.perf_counter()
+            start = previous.get(seed) if Lt >= c.continue_above else None
             desc = "fig1 Lt=%g seed=%d" % (Lt, seed)
             with _named_run(desc):
-                model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress, desc=desc)
+                model, task, result, extra = _train(c, seed, start=start, device=device, dtype=dtype,
+                                                    progress=progress, desc=desc)
+            previous[seed] = model
             stats = layer_stats(model, task.x_train, c.gamma0, top=20)
             summary = rank_summary(stats)
-            runs.append({"Lt": Lt, "seed": seed, "init": c.resolved_init(), "seconds": time.perf_counter() - t,
-                         "final": _final(result), "max_rho_Lt": result.max_rho_Lt, "summary": summary,
-                         "layers": stats})
-            log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  (%.0f s)%s"
+            runs.append({"Lt": Lt, "seed": seed, "init": "warm start" if start is not None else c.resolved_init(),
+                         "seconds": time.perf_counter() - t, "final": _final(result),
+                         "max_rho_Lt": result.max_rho_Lt, "summary": summary, "layers": stats,
+                         "convergence": _convergence(model, task, c.lam), **extra})
+            log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  "
+                "stationarity %.2g  (%.0f s)%s"
                 % (Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
-                   summary["rank_max"], summary["coi_min"], runs[-1]["seconds"], _overshoot(result)))
+                   summary["rank_max"], summary["coi_min"], runs[-1]["convergence"]["stationarity_max"],
+                   runs[-1]["seconds"], _overshoot(result)))
     data = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
             "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs}
     files = plot_fig1(data, out)
@@ -382,15 +448,16 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
                 t = time.perf_counter()
                 desc = "fig2 %s L=%d seed=%d" % (scheme, L, seed)
                 with _named_run(desc):
-                    model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress,
-                                                    desc=desc)
+                    model, task, result, extra = _train(c, seed, start=None, device=device, dtype=dtype,
+                                                        progress=progress, desc=desc)
                 stats = layer_stats(model, task.x_train, c.gamma0, top=20)
                 runs.append({"scheme": scheme, "L": L, "seed": seed, "seconds": time.perf_counter() - t,
-                             "final": _final(result), "max_rho_Lt": result.max_rho_Lt, "summary": rank_summary(stats),
-                             "layers": stats})
-                log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  (%.0f s)%s"
-                    % (scheme, L, seed, result.final["test_mse"], result.final["train_mse"], runs[-1]["seconds"],
-                       _overshoot(result)))
+                             "final": _final(result), "max_rho_Lt": result.max_rho_Lt,
+                             "summary": rank_summary(stats), "layers": stats,
+                             "convergence": _convergence(model, task, c.lam), **extra})
+                log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  stationarity %.2g  (%.0f s)%s"
+                    % (scheme, L, seed, result.final["test_mse"], result.final["train_mse"],
+                       runs[-1]["convergence"]["stationarity_max"], runs[-1]["seconds"], _overshoot(result)))
     data = {"figure": "fig2", "quick": quick, "config": dataclasses.asdict(cfg), "depths": list(depths),
             "schemes": list(schemes), "a": preset["a"], "seeds": seeds, "machine": machine_info(device),
             "seconds": time.perf_counter() - t0, "runs": runs,
@@ -408,10 +475,12 @@ def plot_fig1(data, out):
     """The Fig. 1 PNGs from a fig1.json dict: fig1a.png, and the spectra and energies of the largest Lt (first seed)."""
     runs, Lts, k = data["runs"], data["Lts"], min(data["config"]["inner"])
     grid = lambda key: [[r["summary"][key] for r in runs if r["Lt"] == Lt] for Lt in Lts]  # noqa: E731
-    switch = next((r["Lt"] for r in runs if r.get("init") == "identity"), None)
+    first = next((r for r in runs if r.get("init") in ("identity", "warm start")), None)
     files = {"fig1a": plots.plot_fig1a(Lts, grid("rank_median"), grid("rank_min"), grid("rank_max"), grid("coi_min"),
-                                       os.path.join(out, "fig1a.png"), k_star=k, init_switch=switch,
-                                       depth=data["config"]["depth"])}
+                                       os.path.join(out, "fig1a.png"), k_star=k,
+                                       init_switch=first and first["Lt"],
+                                       init_label="identity init" if first is None or first["init"] == "identity"
+                                       else "warm start from the previous Lt", depth=data["config"]["depth"])}
     last = [r for r in runs if r["Lt"] == Lts[-1]][0]
     stats, Lt, L = last["layers"], last["Lt"], data["config"]["depth"]
     files["fig1b"] = plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
