@@ -92,6 +92,64 @@ def test_fully_connected_limit(N, w, L, device):
         torch.testing.assert_close(y[l], want, rtol=1e-12, atol=1e-12)
 
 
+def assert_same_nonfinite(got, want, name):
+    """NaN and ±inf at the same positions as the reference, the finite entries close to it."""
+    got = got.double().cpu()
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(got), kind(want)), f"{name}: {kind.__name__} at {kind(got).sum()} positions, reference {kind(want).sum()}"
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got[fin], want[fin], rtol=1e-9, atol=1e-9, msg=name)
+
+
+NONFINITE_SITES = {  # where one non-finite value goes: (tensor, index)
+    "x0": ("x0", (2, 1)),
+    "W": ("W", (3, 2, 0)),
+    "bias": ("W", (0, 1, 5)),
+    "grad": ("gout", (4, 3)),
+}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("site", sorted(NONFINITE_SITES))
+@pytest.mark.parametrize("checkpoint", [None, 3])
+@pytest.mark.parametrize("return_all", [False, True])
+def test_nonfinite_values_propagate_like_the_reference(site, value, checkpoint, return_all, device):
+    """Issue 13: NaN/inf in x0, W or the incoming gradient reach the same outputs and gradients as in
+    the float64 reference (torch.relu keeps NaN; its backward passes the gradient where X is NaN)."""
+    N, w, L = 7, 5, 6
+    x0, W, r = make_stack(N, w, L)
+    shape = (L + 1, N, w) if return_all else (N, w)
+    gout = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    tensors = {"x0": x0, "W": W, "gout": gout}
+    name, index = NONFINITE_SITES[site]
+    tensors[name][(index[0] % shape[0],) + index[1:] if name == "gout" and return_all else index] = value
+    want, want_grads = reference_and_grads(x0, W, r, 2.0, gout, return_all)
+    args = [t.to(device) for t in (x0, W, r)]
+    got, got_grads = fused_and_grads(*args, 2.0, gout.to(device), return_all, checkpoint)
+    assert not torch.isfinite(want).all() or site == "grad"
+    for n, a, b in zip(["out", "dx0", "dW", "drho"], [got, *got_grads], [want, *want_grads]):
+        assert_same_nonfinite(a, b, n)
+
+
+def test_nan_in_x0_reaches_a_whole_row():
+    """The issue's case: x0[0, 0] = NaN makes all w outputs of row 0 NaN (the relu no longer maps it to 0)."""
+    x0, W, r = make_stack(5, 4, 3)
+    x0[0, 0] = float("nan")
+    assert lc.leaky_stack(x0, W, r, 1.0).isnan().sum() == 4
+    W[1, 2, 3] = float("nan")
+    assert lc.leaky_stack(x0, W, r, 1.0).isnan().all()
+
+
+def test_nonfinite_steps_and_depth_are_refused():
+    """rho and Lt are hyper-parameters: a non-finite (or negative) step is an error, not a NaN run."""
+    x0, W, r = make_stack(5, 4, 3)
+    for v in (float("nan"), float("inf")):
+        rr = r.clone()
+        rr[2] = v
+        bad(lambda: lc.leaky_stack(x0, W, rr, 1.0), r"rho must hold finite steps rho_l >= 0, got rho\[2\] = ")
+        bad(lambda: lc.leaky_stack(x0, W, r, v), r"Lt must be finite")
+
+
 @pytest.mark.parametrize("checkpoint", [None, 1, 2, 3, "sqrt", 7, 50])
 @pytest.mark.parametrize("return_all", [False, True])
 def test_checkpointing_same_gradients(checkpoint, return_all, device):
@@ -374,6 +432,12 @@ def test_aten_gemm_fallback_matches_reference():
         "    gs = torch.autograd.grad((y * y).sum(), (x0, W, rho))\n"
         "    if f is lc.leaky_stack: got = (y, *gs)\n"
         "for a, b in zip(got, (y, *gs)): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)\n"
+        "with torch.no_grad(): W[2, 3, 4] = float('inf')\n"  # drho's exact <G, P> form on this path too
+        "for f in (lc.leaky_stack, ref.leaky_stack):\n"
+        "    y = f(x0, W, rho, 2.0)\n"
+        "    gs = torch.autograd.grad(y.sum(), (x0, W, rho))\n"
+        "    if f is lc.leaky_stack: got = (y, *gs)\n"
+        "for a, b in zip(got, (y, *gs)): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, equal_nan=True)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, LEAKYCUDA_CPU_ATEN_GEMM="1")
