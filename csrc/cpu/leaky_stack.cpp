@@ -104,7 +104,7 @@ std::vector<at::Tensor> chunk_views(const at::Tensor& buf, const RowChunks& ch) 
   return v;
 }
 
-// S = sigma(X) = [relu(X), 1] as an [n, w+1] buffer; the ones column is written once.
+// S = sigma(X) = [act(X), 1] as an [n, w+1] buffer; the ones column is written once.
 template <typename scalar_t>
 void fill_ones_column(scalar_t* S, int64_t n, int64_t w) {
   for (int64_t i = 0; i < n; ++i) S[i * (w + 1) + w] = scalar_t(1);
@@ -116,18 +116,25 @@ inline scalar_t relu(scalar_t x) {
   return x < scalar_t(0) ? scalar_t(0) : x;
 }
 
-template <typename scalar_t>
-void relu_rows(const scalar_t* __restrict__ X, scalar_t* __restrict__ S, int64_t n, int64_t w) {
+// The activation of sigma: relu, or the identity for kLinear.
+template <Activation kAct, typename scalar_t>
+inline scalar_t act(scalar_t x) {
+  if constexpr (kAct == Activation::kRelu) return relu(x);
+  else return x;
+}
+
+template <Activation kAct, typename scalar_t>
+void act_rows(const scalar_t* __restrict__ X, scalar_t* __restrict__ S, int64_t n, int64_t w) {
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* x = X + i * w;
     scalar_t* s = S + i * (w + 1);
-    for (int64_t j = 0; j < w; ++j) s[j] = relu(x[j]);
+    for (int64_t j = 0; j < w; ++j) s[j] = act<kAct>(x[j]);
   }
 }
 
 // Forward epilogue of one layer: Xn = c*X + r*P (P = sigma(X) W^T, bias included) and S = sigma(Xn).
-template <typename scalar_t>
-void leak_relu_rows(const scalar_t* __restrict__ X, const scalar_t* __restrict__ P, scalar_t* __restrict__ Xn,
+template <Activation kAct, typename scalar_t>
+void leak_act_rows(const scalar_t* __restrict__ X, const scalar_t* __restrict__ P, scalar_t* __restrict__ Xn,
                     scalar_t* __restrict__ S, int64_t n,
                     int64_t w, scalar_t c, scalar_t r) {
   for (int64_t i = 0; i < n; ++i) {
@@ -138,7 +145,7 @@ void leak_relu_rows(const scalar_t* __restrict__ X, const scalar_t* __restrict__
     for (int64_t j = 0; j < w; ++j) {
       const scalar_t v = c * x[j] + r * p[j];
       xn[j] = v;
-      s[j] = relu(v);
+      s[j] = act<kAct>(v);
     }
   }
 }
@@ -189,24 +196,26 @@ bool all_finite(const scalar_t* __restrict__ V, int64_t size) {
   return sum_lanes(acc) == 0.0;
 }
 
-// Backward epilogue of one layer, in place on G: G <- c*G + r*U*1[!(X <= 0)] (+ extra, the loss
-// gradient of X_{l-1} when every representation is an output). Returns <G_in, X> for drho.
-// The dot and the (branch-free) update are separate loops over the cached chunk so each vectorizes.
-template <bool kExtra, typename scalar_t>
+// Backward epilogue of one layer, in place on G: G <- c*G + r*act'(X)*U, act'(X) = 1[!(X <= 0)] for
+// relu and 1 for kLinear (+ extra, the loss gradient of X_{l-1} when every representation is an
+// output). A branch-free loop over the cached chunk, so it vectorizes.
+template <Activation kAct, bool kExtra, typename scalar_t>
 void mask_leak_update(scalar_t* __restrict__ G, const scalar_t* __restrict__ U, const scalar_t* __restrict__ X,
                       const scalar_t* __restrict__ extra, int64_t size, scalar_t c, scalar_t r) {
   for (int64_t i = 0; i < size; ++i) {
-    scalar_t v = c * G[i] + r * keep_if_positive(X[i], U[i]);
+    scalar_t v;
+    if constexpr (kAct == Activation::kRelu) v = c * G[i] + r * keep_if_positive(X[i], U[i]);
+    else v = c * G[i] + r * U[i];
     if constexpr (kExtra) v += extra[i];
     G[i] = v;
   }
 }
 
-template <typename scalar_t>
+template <Activation kAct, typename scalar_t>
 void mask_leak_rows(scalar_t* G, const scalar_t* U, const scalar_t* X, const scalar_t* extra, int64_t n,
                     int64_t w, scalar_t c, scalar_t r) {
-  if (extra) mask_leak_update<true>(G, U, X, extra, n * w, c, r);
-  else mask_leak_update<false>(G, U, X, extra, n * w, c, r);
+  if (extra) mask_leak_update<kAct, true>(G, U, X, extra, n * w, c, r);
+  else mask_leak_update<kAct, false>(G, U, X, extra, n * w, c, r);
 }
 
 // <G, S W_l^T> over one chunk (G [n, w], S [n, w+1]), the GEMM into a scratch buffer: the form of
@@ -241,7 +250,7 @@ double reduce_dW(const scalar_t* __restrict__ Tp, int64_t count, int64_t stride,
 }
 
 // The stack's inputs and the per-chunk work buffers shared by forward and backward.
-template <typename scalar_t>
+template <Activation kAct, typename scalar_t>
 struct Stack {
   int64_t L, N, w;
   double Lt;
@@ -272,14 +281,14 @@ struct Stack {
     const int64_t r0 = ch.begin(c), n = ch.size(c, N);
     scalar_t* Sp = S.data_ptr<scalar_t>() + r0 * (w + 1);
     const scalar_t* Pp = P.data_ptr<scalar_t>() + r0 * w;
-    relu_rows(X, Sp, n, w);
+    act_rows<kAct>(X, Sp, n, w);
     for (int64_t l = l0; l < l1; ++l) {
       if (!gemm_rm<scalar_t>('N', 'T', n, w, w + 1, Sp, w + 1, Wp + l * w * (w + 1), w + 1,
                              P.data_ptr<scalar_t>() + r0 * w, w))
         at::mm_out(P_c[c], S_c[c], Wt[l]);
       scalar_t* Xn = dest(l + 1) + r0 * w;
       const double r = double(rho[l]);
-      leak_relu_rows(X, Pp, Xn, Sp, n, w, scalar_t(1.0 - r * Lt), scalar_t(r));
+      leak_act_rows<kAct>(X, Pp, Xn, Sp, n, w, scalar_t(1.0 - r * Lt), scalar_t(r));
       X = Xn;
     }
   }
@@ -293,11 +302,11 @@ struct Stack {
   }
 };
 
-template <typename scalar_t>
+template <Activation kAct, typename scalar_t>
 void stack_forward(const at::Tensor& x0, const at::Tensor& W, const at::Tensor& rho, double Lt,
                    bool return_all, int64_t k, at::Tensor& out, at::Tensor& states) {
   const int64_t N = x0.size(0), w = x0.size(1);
-  Stack<scalar_t> st(W, rho, Lt, N, x0.options());
+  Stack<kAct, scalar_t> st(W, rho, Lt, N, x0.options());
   const int64_t L = st.L;
   if (return_all) {
     out[0].copy_(x0);
@@ -321,7 +330,7 @@ void stack_forward(const at::Tensor& x0, const at::Tensor& W, const at::Tensor& 
   });
 }
 
-template <typename scalar_t>
+template <Activation kAct, typename scalar_t>
 void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::Tensor& W,
                     const at::Tensor& rho, double Lt, int64_t k, at::Tensor& dx0, at::Tensor& dW,
                     at::Tensor& drho) {
@@ -330,7 +339,7 @@ void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::
   // dx0 doubles as the running gradient G = dC/dX_l.
   dx0.copy_(per_layer ? grad[W.size(0)] : grad);
   if (W.size(0) == 0) return;
-  Stack<scalar_t> st(W, rho, Lt, N, grad.options());
+  Stack<kAct, scalar_t> st(W, rho, Lt, N, grad.options());
   const int64_t L = st.L, count = st.ch.count;
   scalar_t* G = dx0.data_ptr<scalar_t>();
   const scalar_t* gbase = per_layer ? grad.data_ptr<scalar_t>() : nullptr;
@@ -363,7 +372,7 @@ void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::
       at::parallel_for(0, count, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t r0 = st.ch.begin(c), n = st.ch.size(c, N);
-          relu_rows(Xp + r0 * w, st.S.template data_ptr<scalar_t>() + r0 * (w + 1), n, w);
+          act_rows<kAct>(Xp + r0 * w, st.S.template data_ptr<scalar_t>() + r0 * (w + 1), n, w);
           scalar_t* Sc = st.S.template data_ptr<scalar_t>() + r0 * (w + 1);
           scalar_t* Uc = st.P.template data_ptr<scalar_t>() + r0 * w;
           if (!gemm_rm<scalar_t>('T', 'N', w, w + 1, n, G + r0 * w, w, Sc, w + 1, T_c[c].template data_ptr<scalar_t>(), w + 1))
@@ -377,7 +386,7 @@ void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::
           // itself, as the reference does.
           exact[c] = !std::isfinite(gx[c]) || !W_finite;
           if (exact[c]) gp[c] = dot_G_P(G + r0 * w, Sc, Wp + (l - 1) * WW, n, w, st.Wt[l - 1]);
-          mask_leak_rows(G + r0 * w, Uc, Xp + r0 * w, extra ? extra + r0 * w : nullptr, n, w,
+          mask_leak_rows<kAct>(G + r0 * w, Uc, Xp + r0 * w, extra ? extra + r0 * w : nullptr, n, w,
                          scalar_t(1.0 - rl * Lt), scalar_t(rl));
         }
       });
@@ -411,8 +420,7 @@ std::tuple<at::Tensor, at::Tensor> leaky_stack_cpu(const at::Tensor& x0_in, cons
                                                    const c10::optional<at::Tensor>& model_Lt) {
   const auto d = check_stack_args(x0_in, W_in, rho_in, Lt, checkpoint, activation, model_Lt,
                                   /*allow_half=*/false);
-  TORCH_CHECK_VALUE(d.act == Activation::kRelu && !d.models,
-              "leaky_stack on CPU: only activation=\"relu\" and one model are implemented so far");
+  TORCH_CHECK_VALUE(!d.models, "leaky_stack on CPU: B models are not implemented yet");
   check_rho_values(rho_in);
   check_model_Lt_values(model_Lt);
   // The GEMMs below write into preallocated buffers: keep autograd out of them.
@@ -424,7 +432,9 @@ std::tuple<at::Tensor, at::Tensor> leaky_stack_cpu(const at::Tensor& x0_in, cons
   advise_huge_pages(out);
   advise_huge_pages(states);
   AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "leaky_stack_cpu", [&] {
-    stack_forward<scalar_t>(x0, W, rho, Lt, return_all, checkpoint, out, states);
+    visit_activation(d.act, [&](auto kAct) {
+      stack_forward<decltype(kAct)::value, scalar_t>(x0, W, rho, Lt, return_all, checkpoint, out, states);
+    });
   });
   return {out, states};
 }
@@ -435,8 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_stack_backward_cpu(
     const c10::optional<at::Tensor>& model_Lt) {
   const auto d = check_stack_backward_args(grad_in, states_in, W_in, rho_in, Lt, checkpoint, activation,
                                            model_Lt, /*allow_half=*/false);
-  TORCH_CHECK_VALUE(d.act == Activation::kRelu && !d.models,
-              "leaky_stack_backward on CPU: only activation=\"relu\" and one model are implemented so far");
+  TORCH_CHECK_VALUE(!d.models, "leaky_stack_backward on CPU: B models are not implemented yet");
   check_rho_values(rho_in);
   check_model_Lt_values(model_Lt);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -447,7 +456,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_stack_backward_cpu(
   if (d.N == 0) return {dx0, dW.zero_(), drho.zero_()};
   advise_huge_pages(dW);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "leaky_stack_backward_cpu", [&] {
-    stack_backward<scalar_t>(grad, states, W, rho, Lt, checkpoint, dx0, dW, drho);
+    visit_activation(d.act, [&](auto kAct) {
+      stack_backward<decltype(kAct)::value, scalar_t>(grad, states, W, rho, Lt, checkpoint, dx0, dW, drho);
+    });
   });
   return {dx0, dW, drho};
 }
