@@ -13,6 +13,43 @@ E = importlib.import_module("leakycuda.energies")
 
 CUDA = torch.cuda.is_available()
 
+# Set to 1, the CPU ops run the device-generic implementation (the code CUDA falls back to).
+GENERIC_ENV = "LEAKYCUDA_CPU_ATEN_ENERGIES"
+
+
+def _paths_run(fn):
+    """The (path, op) pairs the kernels record while fn() runs: RECORD_FUNCTION "leakycuda::<path>::<op>",
+    path "cpu" (CPU kernels), "generic" (device-generic implementation) or "fused" (fused CUDA kernels)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    out = set()
+    for e in prof.events():
+        parts = e.name.split("::")
+        if len(parts) == 3 and parts[0] == "leakycuda" and parts[1] in ("cpu", "generic", "fused"):
+            out.add((parts[1], parts[2]))
+    return out
+
+
+def _probe():
+    X = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.grad(E.cost_of_identity(X, 0.5).sum(), X)
+
+
+@pytest.fixture(autouse=True, params=["kernel", "generic"])
+def energy_impl(request, monkeypatch):
+    """Every CPU test runs twice: on the CPU kernels, then on the device-generic implementation
+    (LEAKYCUDA_CPU_ATEN_ENERGIES=1, read at every call). Before each test a probe proves, through the
+    profiler, that the ops run the intended implementation in the test's environment."""
+    if request.param == "generic":
+        if request.node.get_closest_marker("cuda") is not None:
+            pytest.skip("CUDA tests choose their own path")
+        monkeypatch.setenv(GENERIC_ENV, "1")
+    else:
+        monkeypatch.delenv(GENERIC_ENV, raising=False)
+    path = "generic" if request.param == "generic" else "cpu"
+    assert _paths_run(_probe) == {(path, "cost_of_identity"), (path, "cost_of_identity_backward")}
+    return request.param
+
 
 def _has_cuda_kernel(op):
     return CUDA and torch._C._dispatch_has_kernel_for_dispatch_key("leakycuda::" + op, "CUDA")
@@ -425,37 +462,81 @@ def test_tiny_gamma_is_stable():
 # --- bad input --------------------------------------------------------------------------------------
 
 
-def test_bad_inputs():
-    X = torch.randn(4, 10, 3)
-    with pytest.raises(RuntimeError, match=r"X must be \[\.\.\., N, w\]"):
-        E.cost_of_identity(torch.randn(5), 0.1)
-    with pytest.raises(RuntimeError, match="floating"):
-        E.cost_of_identity(torch.ones(4, 3, dtype=torch.int64), 0.1)
-    with pytest.raises(ValueError, match="gamma must be finite and > 0"):
-        E.cost_of_identity(X, -1.0)
-    with pytest.raises(RuntimeError, match="gamma must be finite and > 0"):
-        E.cost_of_identity(X, torch.tensor([0.1, 0.0, 0.1, 0.1]))
-    with pytest.raises(ValueError, match="broadcast"):
-        E.cost_of_identity(X, torch.ones(3))
-    with pytest.raises(ValueError, match="not both"):
-        E.cost_of_identity(X, 0.1, gamma0=0.1)
-    with pytest.raises(ValueError, match="gamma0"):
-        E.cost_of_identity(X, gamma0=-1)
-    with pytest.raises(RuntimeError, match="M must be"):
-        E.k_norm2(torch.randn(4, 9, 3), X, 0.1)
-    with pytest.raises(RuntimeError, match="M must have the same dtype"):
-        E.k_norm2(X.double(), X, 0.1)
-    xs, rho = torch.randn(4, 10, 3), torch.ones(3) / 3
-    with pytest.raises(RuntimeError, match=r"rho must be \[L\]"):
-        E.energies(xs, torch.ones(4), 1.0)
-    with pytest.raises(RuntimeError, match="rho_l > 0"):
-        E.energies(xs, torch.tensor([0.5, 0.0, 0.5]), 1.0)
-    with pytest.raises(RuntimeError, match=r"xs must be \[L\+1, N, w\]"):
-        E.energies(torch.randn(10, 3), rho, 1.0)
-    with pytest.raises(RuntimeError, match="Lt must be finite"):
-        E.energies(xs, rho, math.inf)
-    with pytest.raises(RuntimeError, match="gamma0 must be finite and > 0"):
-        ops.cost_of_identity(X, None, 0.0, True)
+_X = torch.randn(4, 10, 3)
+_XS, _RHO = torch.randn(4, 10, 3), torch.ones(3) / 3
+BAD_INPUTS = [
+    (lambda: E.cost_of_identity(torch.randn(5), 0.1), ValueError, r"X must be \[\.\.\., N, w\]"),
+    (lambda: E.cost_of_identity(torch.ones(4, 3, dtype=torch.int64), 0.1), TypeError, "X must be a float32 or float64"),
+    (lambda: E.cost_of_identity(_X, -1.0), ValueError, "gamma must be finite and > 0"),
+    (lambda: E.cost_of_identity(_X, torch.tensor([0.1, 0.0, 0.1, 0.1])), ValueError, r"gamma\[1\] = 0"),
+    (lambda: E.cost_of_identity(_X, torch.ones(3)), ValueError, "broadcast"),
+    (lambda: E.cost_of_identity(_X, 0.1, gamma0=0.1), ValueError, "not both"),
+    (lambda: E.cost_of_identity(_X, gamma0=-1), ValueError, "gamma0"),
+    (lambda: E.k_norm2(torch.randn(4, 9, 3), _X, 0.1), ValueError, "M must be"),
+    (lambda: E.k_norm2(_X.double(), _X, 0.1), TypeError, "M must have the dtype of X"),
+    (lambda: E.energies(_XS, torch.ones(4), 1.0), ValueError, r"rho must be \[L\]"),
+    (lambda: E.energies(_XS, torch.tensor([0.5, 0.0, 0.5]), 1.0), ValueError, "rho_l > 0"),
+    (lambda: E.energies(torch.randn(10, 3), _RHO, 1.0), ValueError, r"xs must be \[L\+1, N, w\]"),
+    (lambda: E.energies(_XS, _RHO, math.inf), ValueError, "Lt must be finite"),
+    (lambda: ops.cost_of_identity(_X, None, 0.0, True), ValueError, "gamma0 must be finite and > 0"),
+    (lambda: ops.cost_of_identity_backward(torch.ones(3), _X, torch.zeros(4, 4, 3, dtype=torch.float64),
+                                           torch.ones(4, dtype=torch.float64), True), ValueError, "grad must hold"),
+    (lambda: ops.cost_of_identity_backward(torch.ones(4), _X, torch.zeros(4, 4, 3), torch.ones(4), True),
+     TypeError, "float64 tensors the forward returned"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_inputs(case):
+    fn, exc, match = BAD_INPUTS[case]
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+# --- the two CPU implementations ----------------------------------------------------------------------
+
+ALL_OPS = {"cost_of_identity", "cost_of_identity_backward", "k_norm2", "k_norm2_backward", "energies",
+           "energies_backward", "cost_of_identity_exact"}
+
+
+def _every_op():
+    torch.manual_seed(16)
+    X = torch.randn(3, 12, 4, dtype=torch.float64, requires_grad=True)
+    M = torch.randn(3, 12, 2, dtype=torch.float64, requires_grad=True)
+    rho = torch.full((2,), 0.5, dtype=torch.float64, requires_grad=True)
+    E.cost_of_identity(X, 0.5).sum().backward()
+    E.k_norm2(M, X, gamma0=1e-2).sum().backward()
+    torch.stack(E.energies(X, rho, 2.0)[:5]).sum().backward()
+    E.cost_of_identity(X)
+
+
+def test_switch_selects_implementation(energy_impl):
+    """Every op, forward and backward, runs the implementation the environment selects, and only that one."""
+    path = "generic" if energy_impl == "generic" else "cpu"
+    assert _paths_run(_every_op) == {(path, op) for op in ALL_OPS}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N", [5, 300])
+def test_generic_matches_kernel(monkeypatch, dtype, N):
+    """Values, gamma, Z and every gradient of the two implementations agree (both run in float64 inside)."""
+    g = torch.Generator().manual_seed(N)
+    xs = torch.randn(7, N, 6, generator=g, dtype=torch.float64).to(dtype)
+    rho = (torch.rand(6, generator=g, dtype=torch.float64) + 0.1).to(dtype)
+    M = torch.randn(7, N, 3, generator=g, dtype=torch.float64).to(dtype)
+    out = {}
+    for impl in ("0", "1"):
+        monkeypatch.setenv(GENERIC_ENV, impl)
+        x, r, m = (t.clone().requires_grad_() for t in (xs, rho, M))
+        e = ops.energies(x, r, 2.5, None, 1e-2, True)
+        c = ops.cost_of_identity(x, None, 1e-2, False)
+        k = ops.k_norm2(m, x, None, 1e-2, True)
+        loss = sum((t * torch.linspace(0.5, 1.5, t.numel(), dtype=dtype)).sum() for t in (*e[:5], c[0], k[0]))
+        out[impl] = (*e, *c, *k, *torch.autograd.grad(loss, (x, r, m)))
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    for a, b in zip(out["0"], out["1"]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol * a.abs().max().item())
 
 
 # --- op registration ----------------------------------------------------------------------------------

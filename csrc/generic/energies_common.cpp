@@ -1,0 +1,297 @@
+// Device-generic parts of the COI / K-norm / energies ops, shared by the CPU kernels, the
+// device-generic implementation and the CUDA launcher: argument checks, the gamma policy, small SPD
+// solves, the output conventions (gamma = 0, Lt = 0) and the exact COI. ATen calls only.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "../checks.h"
+#include "../energies.h"
+
+namespace leakycuda {
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+int64_t batch_numel(c10::IntArrayRef batch) {
+  int64_t B = 1;
+  for (int64_t s : batch) B *= s;
+  return B;
+}
+
+void check_energy_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+                   " must be a float32 or float64 tensor, got ", t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (",
+                    ref.device(), "), got ", t.device());
+}
+
+void check_gamma_arg(const c10::optional<at::Tensor>& gamma, double gamma0, c10::IntArrayRef batch,
+                     const at::Tensor& ref, const char* ref_name, const char* per) {
+  if (gamma.has_value()) {
+    const at::Tensor& g = *gamma;
+    TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), "gamma must be a floating tensor (one ridge ", per,
+                     "), got ", g.scalar_type());
+    check_same_device(g, "gamma", ref, ref_name);
+    TORCH_CHECK_VALUE(g.numel() == 1 || g.sizes() == batch, "gamma must be one value or one ", per, ", of shape ",
+                      shape_str(batch), ", got shape ", shape_str(g.sizes()));
+  } else {
+    TORCH_CHECK_VALUE(std::isfinite(gamma0) && gamma0 > 0.0,
+                      "gamma0 must be finite and > 0 when gamma is None (gamma = gamma0 * ||sigma(X)||_op^2), got ",
+                      gamma0, " (the exact COI, gamma = 0, is the op cost_of_identity_exact)");
+  }
+}
+
+KNormDims dims_of(const at::Tensor& X, const char* name, bool bias) {
+  TORCH_CHECK_VALUE(X.dim() >= 2, name,
+                    " must be [..., N, w] (samples x width, with optional leading batch dims), got shape ",
+                    shape_str(X.sizes()));
+  const int64_t N = X.size(-2), w = X.size(-1);
+  TORCH_CHECK_VALUE(w >= 1, name, " must be [..., N, w] with width w >= 1, got shape ", shape_str(X.sizes()));
+  return {batch_numel(X.sizes().slice(0, X.dim() - 2)), N, w, w + (bias ? 1 : 0), w};
+}
+
+// sign(t) * inf where t != 0, t itself where t is 0 or NaN: the limit of t / gamma as gamma -> 0+.
+at::Tensor signed_inf(const at::Tensor& t) {
+  return at::where(t.gt(0.0), at::full_like(t, kInf), at::where(t.lt(0.0), at::full_like(t, -kInf), t));
+}
+
+}  // namespace
+
+KNormDims check_coi_args(const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0,
+                         bool bias) {
+  check_energy_dtype(X, "X");
+  const KNormDims d = dims_of(X, "X", bias);
+  check_gamma_arg(gamma, gamma0, X.sizes().slice(0, X.dim() - 2), X, "X", "per batch entry of X");
+  return d;
+}
+
+KNormDims check_knorm_args(const at::Tensor& M, const at::Tensor& X,
+                           const c10::optional<at::Tensor>& gamma, double gamma0, bool bias) {
+  check_energy_dtype(X, "X");
+  TORCH_CHECK_TYPE(M.scalar_type() == X.scalar_type(), "M must have the dtype of X (", X.scalar_type(), "), got ",
+                   M.scalar_type());
+  check_same_device(M, "M", X, "X");
+  KNormDims d = dims_of(X, "X", bias);
+  TORCH_CHECK_VALUE(M.dim() == X.dim() && M.sizes().slice(0, M.dim() - 1) == X.sizes().slice(0, X.dim() - 1),
+                    "M must be [..., N, m] with the leading dims and N of X ", shape_str(X.sizes()),
+                    " (the K-norm is taken in the sample space of X), got ", shape_str(M.sizes()));
+  d.m = M.size(-1);
+  check_gamma_arg(gamma, gamma0, X.sizes().slice(0, X.dim() - 2), X, "X", "per batch entry of X");
+  return d;
+}
+
+KNormDims check_energies_args(const at::Tensor& xs, const at::Tensor& rho, double Lt,
+                              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias) {
+  check_energy_dtype(xs, "xs");
+  TORCH_CHECK_VALUE(xs.dim() == 3 && xs.size(0) >= 1 && xs.size(2) >= 1,
+                    "xs must be [L+1, N, w] (every representation X_0..X_L of one batch, L+1 >= 1, w >= 1), got shape ",
+                    shape_str(xs.sizes()));
+  const int64_t L = xs.size(0) - 1, N = xs.size(1), w = xs.size(2);
+  TORCH_CHECK_TYPE(at::isFloatingType(rho.scalar_type()), "rho must be a floating tensor [L], got ",
+                   rho.scalar_type());
+  check_same_device(rho, "rho", xs, "xs");
+  TORCH_CHECK_VALUE(rho.dim() == 1 && rho.size(0) == L, "rho must be [L] = ", shape_str({L}),
+                    ", one step per layer (xs holds L+1 = ", L + 1, " representations), got shape ",
+                    shape_str(rho.sizes()));
+  TORCH_CHECK_VALUE(std::isfinite(Lt), "Lt must be finite, got ", Lt);
+  if (L > 0) {
+    const at::Tensor r = rho.detach().to(at::kCPU, at::kDouble).contiguous();
+    const double* p = r.data_ptr<double>();
+    for (int64_t l = 0; l < L; ++l) {
+      TORCH_CHECK_VALUE(std::isfinite(p[l]) && p[l] > 0.0,
+                        "rho must hold finite steps rho_l > 0 (D_l = (X_l - X_{l-1})/rho_l), got rho[", l, "] = ", p[l]);
+    }
+  }
+  check_gamma_arg(gamma, gamma0, {L}, xs, "xs", "per layer");
+  return {L, N, w, w + (bias ? 1 : 0), w};
+}
+
+void check_saved_z(const at::Tensor& Z, const at::Tensor& gamma, const KNormDims& d,
+                   const at::Tensor& ref, const char* ref_name, int64_t blocks) {
+  TORCH_CHECK_TYPE(Z.scalar_type() == at::kDouble && gamma.scalar_type() == at::kDouble,
+                   "Z and gamma must be the float64 tensors the forward returned, got ", Z.scalar_type(), " and ",
+                   gamma.scalar_type());
+  check_same_device(Z, "Z", ref, ref_name);
+  check_same_device(gamma, "gamma", ref, ref_name);
+  TORCH_CHECK_VALUE(Z.dim() >= 2 && Z.numel() == d.B * d.p * d.m * blocks && Z.size(-2) == d.p &&
+                        Z.size(-1) == d.m * blocks,
+                    "Z must be the forward's [..., p, m] = [..., ", d.p, ", ", d.m * blocks, "] solve, got ",
+                    shape_str(Z.sizes()));
+  TORCH_CHECK_VALUE(gamma.numel() == d.B, "gamma must be the forward's gamma_used with ", d.B,
+                    " entries, got shape ", shape_str(gamma.sizes()));
+}
+
+void check_grad_arg(const at::Tensor& grad, const char* name, int64_t B, const at::Tensor& ref,
+                    const char* ref_name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()), name, " must be a floating tensor, got ",
+                   grad.scalar_type());
+  check_same_device(grad, name, ref, ref_name);
+  TORCH_CHECK_VALUE(grad.numel() == B, name, " must hold one value per batch entry of ", ref_name, " (", B,
+                    "), got shape ", shape_str(grad.sizes()));
+}
+
+void check_gamma_values(const at::Tensor& gamma) {
+  const at::Tensor g = gamma.detach().to(at::kCPU, at::kDouble).contiguous().reshape(-1);
+  const double* p = g.data_ptr<double>();
+  for (int64_t i = 0; i < g.numel(); ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(p[i]) && p[i] > 0.0, "gamma must hold finite ridges > 0, got gamma[", i,
+                      "] = ", p[i],
+                      " (a zero ridge is the exact COI: cost_of_identity(X) with gamma=None or the number 0; "
+                      "k_norm2 and energies need gamma > 0)");
+  }
+}
+
+bool cpu_aten_energies() {
+  const char* v = std::getenv("LEAKYCUDA_CPU_ATEN_ENERGIES");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+at::Tensor sigma_of(const at::Tensor& X, bool bias) {
+  const at::Tensor S = at::relu(X);
+  return bias ? at::cat({S, at::ones_like(X.narrow(-1, 0, 1))}, -1) : S;
+}
+
+at::Tensor given_gamma(const at::Tensor& gamma, int64_t B, const at::Device& device) {
+  // A fresh tensor: an op output must not alias its input gamma.
+  return at::empty({B}, at::TensorOptions().dtype(at::kDouble).device(device))
+      .copy_(gamma.detach().reshape(-1).expand({B}));
+}
+
+at::Tensor gamma_policy(const at::Tensor& G, double gamma0) {
+  const int64_t B = G.size(0), n = G.size(-1);
+  if (B == 0 || n == 0) return at::zeros({B}, G.options());
+  const at::Tensor finite = at::isfinite(G).flatten(1).all(1);
+  const at::Tensor lmax = at::linalg_eigvalsh(at::where(finite.view({B, 1, 1}), G, at::zeros({}, G.options())))
+                              .select(-1, n - 1);
+  // Rounding can leave a tiny negative top eigenvalue for an all-zero S.
+  return at::where(finite, lmax.clamp_min(0.0), at::full({}, kNaN, G.options())).mul(gamma0);
+}
+
+at::Tensor solve_spd(const at::Tensor& A, const at::Tensor& R, const at::Tensor& floor) {
+  const int64_t B = A.size(0), n = A.size(-1);
+  if (B == 0 || n == 0) return at::zeros(R.sizes(), R.options());
+  const at::Tensor finite = at::isfinite(A).flatten(1).all(1).view({B, 1, 1});
+  const at::Tensor As = at::where(finite, A, at::eye(n, A.options()));
+  auto [Lc, info] = at::linalg_cholesky_ex(As, /*upper=*/false, /*check_errors=*/false);
+  at::Tensor Z = at::cholesky_solve(R, Lc, /*upper=*/false);
+  const at::Tensor bad = info.ne(0).nonzero().reshape(-1);
+  if (bad.numel() > 0) {
+    // Factorisation failed (rounding made A numerically indefinite): eigendecomposition with the
+    // eigenvalues clamped at gamma, A's true lower bound.
+    auto [ev, V] = at::linalg_eigh(As.index_select(0, bad));
+    ev = at::maximum(ev, floor.index_select(0, bad).unsqueeze(-1));
+    const at::Tensor Rb = R.index_select(0, bad);
+    Z.index_copy_(0, bad, at::matmul(V, at::matmul(V.transpose(-1, -2), Rb).div(ev.unsqueeze(-1))));
+  }
+  return at::where(finite, Z, at::full({}, kNaN, Z.options())).contiguous();
+}
+
+at::Tensor finish_knorm_values(const at::Tensor& v, const at::Tensor& gamma) {
+  return at::where(gamma.eq(0.0).unsqueeze(1), signed_inf(v), v);
+}
+
+std::array<at::Tensor, 5> energies_from_values(const at::Tensor& v, const at::Tensor& gamma, double Lt) {
+  const at::Tensor v0 = v.select(1, 0), v1 = v.select(1, 1), dead = gamma.eq(0.0);
+  if (Lt != 0.0) {
+    // Where gamma = 0 every K-norm is ||.||^2 / 0: each output is the sign of its 1/gamma
+    // coefficient times inf (0 where the coefficient vanishes).
+    const at::Tensor ke = v1 / (2.0 * Lt), pot = v0 * (-0.5 * Lt);
+    std::array<at::Tensor, 5> out = {v0, ke, pot, ke + pot, v0 - v1 / (Lt * Lt)};
+    for (auto& t : out) t = at::where(dead, signed_inf(t), t);
+    return out;
+  }
+  // Lt = 0: KE = ||D||^2 / (2 Lt) is +inf unless D = 0, the potential -(Lt/2) COI vanishes, and
+  // -2H/Lt = COI - ||D||^2 / Lt^2 is -inf unless D = 0 (then COI).
+  const at::Tensor coi = at::where(dead, signed_inf(v0), v0), ke = signed_inf(v1);
+  const at::Tensor pot = at::where(at::isnan(coi), coi, at::zeros_like(coi));
+  const at::Tensor rank = at::where(v1.gt(0.0), at::full_like(v1, -kInf), at::where(v1.eq(0.0), coi, v1));
+  return {coi, ke, pot, ke, rank};
+}
+
+at::Tensor energies_coef(const std::array<at::Tensor, 5>& grads, double Lt) {
+  std::array<at::Tensor, 5> g;
+  for (int i = 0; i < 5; ++i) g[i] = grads[i].detach().to(at::kDouble).reshape(-1);
+  const at::Tensor &gc = g[0], &gk = g[1], &gp = g[2], &gh = g[3], &gr = g[4];
+  if (Lt != 0.0) {
+    return at::stack({gc - (gp + gh) * (0.5 * Lt) + gr, (gk + gh) / (2.0 * Lt) - gr / (Lt * Lt)}, 1);
+  }
+  const at::Tensor used = gk.ne(0.0).logical_or(gh.ne(0.0)).logical_or(gr.ne(0.0)).nonzero();
+  TORCH_CHECK(used.numel() == 0,
+              "energies: at Lt = 0 the kinetic energy, Hamiltonian and rank estimate are not differentiable "
+              "(they divide by Lt); only coi and potential have gradients there (layer ",
+              used.numel() ? used[0][0].item<int64_t>() + 1 : 0, ")");
+  return at::stack({gc, at::zeros_like(gc)}, 1);
+}
+
+namespace {
+
+// Exact COI of the batch entries in X64 [b, N, w] (float64): see cost_of_identity_exact.
+void exact_entries(const at::Tensor& X64, bool bias, double rc, at::Tensor coi, at::Tensor res,
+                   at::Tensor rank) {
+  const int64_t b = X64.size(0), N = X64.size(1);
+  if (N == 0) {
+    coi.zero_(), res.zero_(), rank.zero_();
+    return;
+  }
+  const at::Tensor S = sigma_of(X64, bias);
+  // The SVD cannot take a non-finite S: those entries get NaN (and rank -1) after a stand-in SVD.
+  const at::Tensor finite = at::isfinite(S).flatten(1).all(1);
+  auto [U, sv, Vh] = at::linalg_svd(at::where(finite.view({b, 1, 1}), S, at::zeros({}, S.options())),
+                                    /*full_matrices=*/false);
+  const at::Tensor keep = sv > sv.narrow(1, 0, 1).mul(rc);  // sv sorted in descending order
+  const at::Tensor inv2 = at::where(keep, sv.square().reciprocal(), at::zeros_like(sv));
+  at::Tensor Y = at::bmm(U.transpose(1, 2), X64);  // [b, k, w] = U^T X
+  const at::Tensor nan = at::full({}, kNaN, X64.options());
+  coi.copy_(at::where(finite, Y.square().sum(2).mul(inv2).sum(1), nan));  // ||S^+ X||^2 = sum_i ||u_i^T X||^2 / s_i^2
+  Y = Y.mul(keep.unsqueeze(2).to(Y.scalar_type()));
+  res.copy_(at::where(finite, at::linalg_vector_norm(X64 - at::bmm(U, Y), 2, {1, 2}), nan));  // ||X - U_r U_r^T X||_F
+  rank.copy_(at::where(finite, keep.sum(1), at::full({}, -1, rank.options())));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_exact(const at::Tensor& X,
+                                                                      c10::optional<double> rcond,
+                                                                      bool bias) {
+  const auto dt = X.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kDouble || dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+                   "X must be a floating tensor (float64, float32, float16 or bfloat16), got ", dt);
+  const KNormDims d = dims_of(X, "X", bias);
+  const double eps = dt == at::kDouble ? std::numeric_limits<double>::epsilon()
+                     : dt == at::kFloat ? double(std::numeric_limits<float>::epsilon())
+                     : dt == at::kHalf ? 9.765625e-4 : 7.8125e-3;
+  const double rc = rcond.has_value() ? *rcond : double(std::max(d.N, d.p)) * eps;
+  TORCH_CHECK_VALUE(std::isfinite(rc) && rc >= 0.0,
+                    "rcond must be finite and >= 0 (relative singular-value cutoff), got ", rc);
+  const auto batch = X.sizes().slice(0, X.dim() - 2);
+  const at::Tensor X64 = X.detach().reshape({d.B, d.N, d.w}).to(at::kDouble);
+  const auto opt = X64.options();
+  at::Tensor coi = at::empty({d.B}, opt), res = at::empty({d.B}, opt);
+  at::Tensor rank = at::empty({d.B}, opt.dtype(at::kLong));
+  if (X64.is_cpu() && !cpu_aten_energies()) {
+    // One SVD per entry in parallel (batched LAPACK calls oversubscribe the threads on CPU).
+    RECORD_FUNCTION("leakycuda::cpu::cost_of_identity_exact", std::vector<c10::IValue>());
+    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+      exact_entries(X64.narrow(0, b0, b1 - b0), bias, rc, coi.narrow(0, b0, b1 - b0),
+                    res.narrow(0, b0, b1 - b0), rank.narrow(0, b0, b1 - b0));
+    });
+  } else if (d.B > 0) {
+    RECORD_FUNCTION("leakycuda::generic::cost_of_identity_exact", std::vector<c10::IValue>());
+    exact_entries(X64, bias, rc, coi, res, rank);
+  }
+  return {coi.to(X.scalar_type()).reshape(batch), res.to(X.scalar_type()).reshape(batch), rank.reshape(batch)};
+}
+
+}  // namespace leakycuda
