@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <array>
 #include <tuple>
@@ -16,23 +17,30 @@
 namespace leakycuda {
 
 // Sizes of a K-norm problem: B batch entries (the flattened leading dims) of [N, w]
-// representations; S = sigma(X) has p = w+1 columns (bias) or p = w (bias=False); the K-norm is
-// taken of m columns per block (m = w for the COI).
+// representations; S = sigma(X) = [act(X), 1] has p = w+1 columns (bias) or p = w (bias=False),
+// act = relu (relu = true, activation "relu") or the identity ("linear"); the K-norm is taken of m
+// columns per block (m = w for the COI).
 struct KNormDims {
   int64_t B, N, w, p, m;
+  bool relu;
 };
+
+// Whether the schema's `activation` string is "relu" (true) or "linear" (false); ValueError otherwise.
+bool energy_relu(c10::string_view activation);
 
 // --- argument checks (generic/energies_common.cpp); messages name the argument, the given and the expected ---
 
 // X [..., N, w]; gamma None (then gamma0 > 0 is the policy) or [...] / one value, same device.
 KNormDims check_coi_args(const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0,
-                         bool bias);
+                         bool bias, c10::string_view activation);
 // M [..., N, m] with the leading dims and N of X [..., N, w].
 KNormDims check_knorm_args(const at::Tensor& M, const at::Tensor& X,
-                           const c10::optional<at::Tensor>& gamma, double gamma0, bool bias);
+                           const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+                           c10::string_view activation);
 // xs [L+1, N, w], rho [L] (> 0, read on the host), Lt finite; B = L.
 KNormDims check_energies_args(const at::Tensor& xs, const at::Tensor& rho, double Lt,
-                              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias);
+                              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+                              c10::string_view activation);
 // Checks of the tensors a backward op gets back from its forward (Z [..., p, m], gamma [...]).
 void check_saved_z(const at::Tensor& Z, const at::Tensor& gamma, const KNormDims& d,
                    const at::Tensor& ref, const char* ref_name, int64_t blocks);
@@ -49,8 +57,9 @@ bool cpu_aten_energies();
 
 // --- device-generic pieces (ATen ops only; generic/energies_common.cpp) ---
 
-// sigma(X) = [relu(X), 1] ([..., N, w+1]; relu(X) alone without bias); NaN stays NaN.
-at::Tensor sigma_of(const at::Tensor& X, bool bias);
+// sigma(X) = [act(X), 1] ([..., N, w+1]; act(X) alone without bias), act = relu (NaN stays NaN) or,
+// with relu = false, the identity.
+at::Tensor sigma_of(const at::Tensor& X, bool bias, bool relu);
 
 // The given gamma as a fresh float64 [B] tensor on `device` (broadcast from one value or [B]).
 at::Tensor given_gamma(const at::Tensor& gamma, int64_t B, const at::Device& device);
@@ -82,56 +91,65 @@ at::Tensor energies_coef(const std::array<at::Tensor, 5>& grads, double Lt);
 // Where sigma(X) is not finite: coi and residual NaN, rank -1.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_exact(const at::Tensor& X,
                                                                       c10::optional<double> rcond,
-                                                                      bool bias);
+                                                                      bool bias,
+                                                                      c10::string_view activation);
 
 // --- device-generic implementation of every op (generic/energies_aten.cpp): batched float64 ATen
 // ops only. It is what CUDA runs when no fused kernel applies, and what the CPU ops run under
 // LEAKYCUDA_CPU_ATEN_ENERGIES=1. Same signatures and outputs as the CPU kernels below.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_aten(
-    const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias);
+    const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+    c10::string_view activation);
 at::Tensor cost_of_identity_backward_aten(const at::Tensor& grad, const at::Tensor& X,
-                                          const at::Tensor& Z, const at::Tensor& gamma, bool bias);
+                                          const at::Tensor& Z, const at::Tensor& gamma, bool bias,
+                                          c10::string_view activation);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_aten(const at::Tensor& M, const at::Tensor& X,
                                                             const c10::optional<at::Tensor>& gamma,
-                                                            double gamma0, bool bias);
+                                                            double gamma0, bool bias, c10::string_view activation);
 std::tuple<at::Tensor, at::Tensor> k_norm2_backward_aten(const at::Tensor& grad, const at::Tensor& M,
                                                          const at::Tensor& X, const at::Tensor& Z,
-                                                         const at::Tensor& gamma, bool bias);
+                                                         const at::Tensor& gamma, bool bias,
+                                                         c10::string_view activation);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 energies_aten(const at::Tensor& xs, const at::Tensor& rho, double Lt,
-              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias);
+              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias, c10::string_view activation);
 std::tuple<at::Tensor, at::Tensor> energies_backward_aten(
     const at::Tensor& grad_coi, const at::Tensor& grad_kinetic, const at::Tensor& grad_potential,
     const at::Tensor& grad_hamiltonian, const at::Tensor& grad_rank, const at::Tensor& xs,
-    const at::Tensor& rho, double Lt, const at::Tensor& Z, const at::Tensor& gamma, bool bias);
+    const at::Tensor& rho, double Lt, const at::Tensor& Z, const at::Tensor& gamma, bool bias,
+    c10::string_view activation);
 
 // --- CPU kernels (cpu/energies.cpp). Every internal sum, Gram and solve runs in float64. ---
 
 // (coi [...] in X's dtype, gamma_used [...] float64, Z [..., p, w] float64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_cpu(
-    const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias);
+    const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+    c10::string_view activation);
 at::Tensor cost_of_identity_backward_cpu(const at::Tensor& grad, const at::Tensor& X,
-                                         const at::Tensor& Z, const at::Tensor& gamma, bool bias);
+                                         const at::Tensor& Z, const at::Tensor& gamma, bool bias,
+                                         c10::string_view activation);
 
 // (value [...] in M's dtype, gamma_used [...] float64, Z [..., p, m] float64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_cpu(const at::Tensor& M, const at::Tensor& X,
                                                            const c10::optional<at::Tensor>& gamma,
-                                                           double gamma0, bool bias);
+                                                           double gamma0, bool bias, c10::string_view activation);
 // (dM, dX).
 std::tuple<at::Tensor, at::Tensor> k_norm2_backward_cpu(const at::Tensor& grad, const at::Tensor& M,
                                                         const at::Tensor& X, const at::Tensor& Z,
-                                                        const at::Tensor& gamma, bool bias);
+                                                        const at::Tensor& gamma, bool bias,
+                                                        c10::string_view activation);
 
 // (coi, kinetic, potential, hamiltonian, rank_estimate [L] in xs's dtype, gamma_used [L] float64,
 //  Z [L, p, 2w] float64 = the solves of X_{l-1} and D_l, kept for backward).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 energies_cpu(const at::Tensor& xs, const at::Tensor& rho, double Lt,
-             const c10::optional<at::Tensor>& gamma, double gamma0, bool bias);
+             const c10::optional<at::Tensor>& gamma, double gamma0, bool bias, c10::string_view activation);
 // (dxs [L+1, N, w], drho [L]).
 std::tuple<at::Tensor, at::Tensor> energies_backward_cpu(
     const at::Tensor& grad_coi, const at::Tensor& grad_kinetic, const at::Tensor& grad_potential,
     const at::Tensor& grad_hamiltonian, const at::Tensor& grad_rank, const at::Tensor& xs,
-    const at::Tensor& rho, double Lt, const at::Tensor& Z, const at::Tensor& gamma, bool bias);
+    const at::Tensor& rho, double Lt, const at::Tensor& Z, const at::Tensor& gamma, bool bias,
+    c10::string_view activation);
 
 }  // namespace leakycuda

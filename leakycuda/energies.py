@@ -1,6 +1,7 @@
 """Cost of Identity, K-norms and the energies along a trajectory (DESIGN.md §1, §3); the ops run on CPU or CUDA alike.
 
-Notation: ``S = sigma(X) = [relu(X), 1]`` (``[N, w+1]``; ``[N, w]`` with ``bias=False``), ``K = S S^T`` and
+Notation: ``S = sigma(X) = [act(X), 1]`` (``[N, w+1]``; ``[N, w]`` with ``bias=False``), act = relu
+(``activation="relu"``, the default) or the identity (``"linear"``: deep linear networks), ``K = S S^T`` and
 
 * ``k_norm2(M, X, gamma) = ||M||^2_{K,gamma} = Tr[M^T (K + gamma I_N)^{-1} M]``;
 * stable COI ``COI_gamma(X) = ||X||^2_{K(X),gamma}`` (gamma > 0, or the layer-relative
@@ -72,6 +73,12 @@ def _check_tensor(t, name, hint):
         raise TypeError("%s must be a tensor %s, got %s" % (name, hint, type(t).__name__))
 
 
+def _activation_arg(activation):
+    if not isinstance(activation, str):
+        raise TypeError('activation must be "relu" or "linear", got %r' % (activation,))
+    return activation
+
+
 def _is_zero_number(g):
     return isinstance(g, numbers.Real) and not isinstance(g, bool) and g == 0
 
@@ -98,7 +105,7 @@ def _gamma_arg(gamma, gamma0, like, batch, name="X"):
     return torch.tensor(float(gamma), dtype=torch.float64, device=like.device), 1.0
 
 
-def cost_of_identity(X, gamma=None, *, gamma0=None, bias=True, rcond=None, return_gamma=False):
+def cost_of_identity(X, gamma=None, *, gamma0=None, bias=True, activation="relu", rcond=None, return_gamma=False):
     """Cost of Identity of X [..., N, w] over its leading dims (a whole trajectory [L+1, N, w] is one call).
 
     * ``gamma > 0`` (a number, or a tensor broadcastable to ``X.shape[:-2]``, e.g. one per layer) or
@@ -112,46 +119,50 @@ def cost_of_identity(X, gamma=None, *, gamma0=None, bias=True, rcond=None, retur
       no gradient would be meaningful; differentiate ``COI_gamma`` instead.
 
     ``bias=False`` drops the ones column of sigma (bias-free nets); then COI(X) = rank X for X >= 0.
+    ``activation="linear"``: sigma(X) = [X, 1] (deep linear networks).
     N = 0 gives 0. Edge values: an all-zero X gives 0; where gamma0 meets S = 0 (bias=False and X <= 0)
     gamma is 0 and the value is +inf (0 if X = 0), with a zero gradient.
     float32/float64 on CPU (CUDA when built with it).
     """
     _check_tensor(X, "X", "[..., N, w]")
+    activation = _activation_arg(activation)
     exact = gamma0 is None and (gamma is None or _is_zero_number(gamma))
     if exact:
-        value, residual, rank = ops.cost_of_identity_exact(X.detach(), rcond, bool(bias))
+        value, residual, rank = ops.cost_of_identity_exact(X.detach(), rcond, bool(bias), activation)
         x_norm = torch.linalg.vector_norm(X.detach(), dim=(-2, -1)) if X.dim() >= 2 else X.new_zeros(())
         return ExactCOI(value, residual, rank, x_norm.to(value.dtype))
     if rcond is not None:
         raise ValueError("rcond only applies to the exact COI (gamma=None or 0)")
     g, g0 = _gamma_arg(gamma, gamma0, X, X.shape[:-2])
-    coi, gamma_used, _ = ops.cost_of_identity(X, g, g0, bool(bias))
+    coi, gamma_used, _ = ops.cost_of_identity(X, g, g0, bool(bias), activation)
     return (coi, gamma_used) if return_gamma else coi
 
 
-def k_norm2(M, X, gamma=None, *, gamma0=None, bias=True, return_gamma=False):
+def k_norm2(M, X, gamma=None, *, gamma0=None, bias=True, activation="relu", return_gamma=False):
     """``||M||^2_{K(X),gamma} = Tr[M^T (sigma(X) sigma(X)^T + gamma I)^{-1} M]``, batched.
 
     M: [..., N, m] (same leading dims and N as X), X: [..., N, w]; gamma > 0 (number or tensor
     broadcastable to ``X.shape[:-2]``) or gamma0 > 0 for ``gamma = gamma0 * ||sigma(X)||_op^2``.
-    Returns [...] in M's dtype; differentiable in M and X (gamma held fixed).
+    Returns [...] in M's dtype; differentiable in M and X (gamma held fixed). ``bias`` and ``activation``
+    as in :func:`cost_of_identity`.
     """
     _check_tensor(M, "M", "[..., N, m]")
     _check_tensor(X, "X", "[..., N, w]")
     if gamma is None and gamma0 is None:
         raise ValueError("k_norm2 needs a ridge: gamma > 0 or gamma0 > 0")
     g, g0 = _gamma_arg(gamma, gamma0, X, X.shape[:-2])
-    value, gamma_used, _ = ops.k_norm2(M, X, g, g0, bool(bias))
+    value, gamma_used, _ = ops.k_norm2(M, X, g, g0, bool(bias), _activation_arg(activation))
     return (value, gamma_used) if return_gamma else value
 
 
-def energies(xs, rho, Lt, *, gamma=None, gamma0=None, bias=True):
+def energies(xs, rho, Lt, *, gamma=None, gamma0=None, bias=True, activation="relu"):
     """Per-layer energies of a trajectory xs [L+1, N, w] (every X_l of one batch), rho [L] (> 0), Lt.
 
     Layer l = 1..L uses the metric of X_{l-1} and ``D_l = (X_l - X_{l-1}) / rho_l``; returns an
     :class:`Energies` of [L] tensors (coi, kinetic, potential, hamiltonian, rank_estimate in xs's dtype,
     gamma float64), differentiable in xs and rho (gamma held fixed).
     gamma: > 0, one value or [L]; gamma0: layer-relative ridge; neither: ``gamma0 = DEFAULT_GAMMA0``.
+    ``bias`` and ``activation`` as in :func:`cost_of_identity`.
     ``Lt = 0``: kinetic = +inf (0 where D_l = 0), potential = 0, hamiltonian = kinetic and
     rank_estimate = -inf (COI where D_l = 0); their gradients are then undefined (an error), while coi
     and potential stay differentiable.
@@ -167,7 +178,7 @@ def energies(xs, rho, Lt, *, gamma=None, gamma0=None, bias=True):
         gamma0 = DEFAULT_GAMMA0
     L = xs.shape[0] - 1 if xs.dim() > 0 else 0
     g, g0 = _gamma_arg(gamma, gamma0, xs, (L,), name="xs (one per layer)")
-    out = ops.energies(xs, rho, float(Lt), g, g0, bool(bias))
+    out = ops.energies(xs, rho, float(Lt), g, g0, bool(bias), _activation_arg(activation))
     return Energies(*out[:6])
 
 

@@ -40,11 +40,12 @@ struct Problem {
   const double* rho;  // kEnergies: [B]
   int64_t B, N, w, p, m, blocks;
   bool bias;
+  bool relu;  // sigma = [relu(X), 1], else [X, 1]
 
   int64_t mc() const { return m * blocks; }
   int64_t ld() const { return p + mc(); }
 
-  // [S | M] of entry b as float64 into buf [N, ld]: relu(X), the ones column, then the blocks of M.
+  // [S | M] of entry b as float64 into buf [N, ld]: act(X), the ones column, then the blocks of M.
   void fill(int64_t b, double* buf) const {
     const int64_t lda = ld();
     at::parallel_for(0, N, rows_per_chunk(lda), [&](int64_t i0, int64_t i1) {
@@ -54,7 +55,7 @@ struct Problem {
         double* mrow = row + p;
         for (int64_t j = 0; j < w; ++j) {
           const double v = double(x[j]);
-          row[j] = v < 0.0 ? 0.0 : v;  // relu; NaN stays NaN
+          row[j] = relu && v < 0.0 ? 0.0 : v;  // relu keeps NaN
         }
         if (bias) row[w] = 1.0;
         if (src == Source::kKNorm) {
@@ -195,7 +196,7 @@ struct BackwardOut {
 
 // Backward of every entry, given coef [B, blocks] = dLoss/dvalue_k. With Q_k = (M_k - S Z_k)/gamma:
 // dM_k = 2 c_k Q_k and the metric term dX = -2 [sum_k c_k Q_k Z_k^T][:, :w] * sigma'(X), sigma'(X) as
-// relu's backward has it (0 where X <= 0, else 1: NaN passes). Entries with gamma = 0 get 0.
+// relu's backward has it (0 where X <= 0, else 1: NaN passes), 1 for linear. Entries with gamma = 0 get 0.
 template <typename scalar_t>
 void knorm_backward(const Problem<scalar_t>& P, const double* coef, const at::Tensor& Z,
                     const double* gam, const BackwardOut<scalar_t>& out) {
@@ -224,7 +225,8 @@ void knorm_backward(const Problem<scalar_t>& P, const double* coef, const at::Te
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t i = c * rows; i < std::min(N, (c + 1) * rows); ++i) {
-          const double* s = bf + i * ld;  // relu(X) row, then M blocks
+          const double* s = bf + i * ld;  // act(X) row, then M blocks
+          const bool relu = P.relu;
           const int64_t o = (b * N + i);
           if (!active) {
             for (int64_t j = 0; j < w; ++j) out.dX[o * w + j] = scalar_t(0);
@@ -236,10 +238,10 @@ void knorm_backward(const Problem<scalar_t>& P, const double* coef, const at::Te
           const double* pi = pm + i * w;
           switch (P.src) {
             case Source::kCoi:
-              for (int64_t j = 0; j < w; ++j) out.dX[o * w + j] = scalar_t(qi[j] - (s[j] <= 0.0 ? 0.0 : pi[j]));
+              for (int64_t j = 0; j < w; ++j) out.dX[o * w + j] = scalar_t(qi[j] - (relu && s[j] <= 0.0 ? 0.0 : pi[j]));
               break;
             case Source::kKNorm:
-              for (int64_t j = 0; j < w; ++j) out.dX[o * w + j] = scalar_t(s[j] <= 0.0 ? 0.0 : -pi[j]);
+              for (int64_t j = 0; j < w; ++j) out.dX[o * w + j] = scalar_t(relu && s[j] <= 0.0 ? 0.0 : -pi[j]);
               for (int64_t j = 0; j < m; ++j) out.dM[o * m + j] = scalar_t(qi[j]);
               break;
             case Source::kEnergies: {
@@ -248,7 +250,7 @@ void knorm_backward(const Problem<scalar_t>& P, const double* coef, const at::Te
               for (int64_t j = 0; j < w; ++j) {
                 const double dd = qi[w + j] / r;
                 dot += qi[w + j] * d[j];
-                out.dX[o * w + j] = scalar_t(qi[j] - dd - (s[j] <= 0.0 ? 0.0 : pi[j]));
+                out.dX[o * w + j] = scalar_t(qi[j] - dd - (relu && s[j] <= 0.0 ? 0.0 : pi[j]));
                 out.dnext[o * w + j] = scalar_t(dd);
               }
               partial[c] += dot;
@@ -270,10 +272,11 @@ void check_gamma_if_given(const c10::optional<at::Tensor>& gamma) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_cpu(
-    const at::Tensor& X_in, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias) {
-  if (cpu_aten_energies()) return cost_of_identity_aten(X_in, gamma, gamma0, bias);
+    const at::Tensor& X_in, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+    c10::string_view activation) {
+  if (cpu_aten_energies()) return cost_of_identity_aten(X_in, gamma, gamma0, bias, activation);
   RECORD_FUNCTION("leakycuda::cpu::cost_of_identity", std::vector<c10::IValue>());
-  const KNormDims d = check_coi_args(X_in, gamma, gamma0, bias);
+  const KNormDims d = check_coi_args(X_in, gamma, gamma0, bias, activation);
   check_gamma_if_given(gamma);
   const auto batch = X_in.sizes().slice(0, X_in.dim() - 2);
   std::vector<int64_t> zshape(batch.begin(), batch.end());
@@ -281,7 +284,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_cpu(
   const at::Tensor X = X_in.contiguous();
   at::Tensor coi, gam, Z;
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "cost_of_identity_cpu", [&] {
-    Problem<scalar_t> P{Source::kCoi, X.data_ptr<scalar_t>(), nullptr, nullptr, d.B, d.N, d.w, d.p, d.w, 1, bias};
+    Problem<scalar_t> P{Source::kCoi, X.data_ptr<scalar_t>(), nullptr, nullptr, d.B, d.N, d.w, d.p, d.w, 1,
+                        bias, d.relu};
     ForwardOut f = knorm_forward(P, gamma, gamma0);
     coi = finish_knorm_values(f.values, f.gamma).select(1, 0);
     gam = f.gamma, Z = f.Z;
@@ -290,10 +294,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_cpu(
 }
 
 at::Tensor cost_of_identity_backward_cpu(const at::Tensor& grad, const at::Tensor& X_in,
-                                         const at::Tensor& Z_in, const at::Tensor& gamma, bool bias) {
-  if (cpu_aten_energies()) return cost_of_identity_backward_aten(grad, X_in, Z_in, gamma, bias);
+                                         const at::Tensor& Z_in, const at::Tensor& gamma, bool bias,
+                                         c10::string_view activation) {
+  if (cpu_aten_energies()) return cost_of_identity_backward_aten(grad, X_in, Z_in, gamma, bias, activation);
   RECORD_FUNCTION("leakycuda::cpu::cost_of_identity_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_coi_args(X_in, gamma, 1.0, bias);
+  const KNormDims d = check_coi_args(X_in, gamma, 1.0, bias, activation);
   check_saved_z(Z_in, gamma, d, X_in, "X", 1);
   check_grad_arg(grad, "grad", d.B, X_in, "X");
   const at::Tensor X = X_in.contiguous(), Z = Z_in.reshape({d.B, d.p, d.w}).contiguous();
@@ -301,7 +306,8 @@ at::Tensor cost_of_identity_backward_cpu(const at::Tensor& grad, const at::Tenso
   const at::Tensor g = gamma.reshape(-1).contiguous();
   at::Tensor dX = at::empty_like(X);
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "cost_of_identity_backward_cpu", [&] {
-    Problem<scalar_t> P{Source::kCoi, X.data_ptr<scalar_t>(), nullptr, nullptr, d.B, d.N, d.w, d.p, d.w, 1, bias};
+    Problem<scalar_t> P{Source::kCoi, X.data_ptr<scalar_t>(), nullptr, nullptr, d.B, d.N, d.w, d.p, d.w, 1,
+                        bias, d.relu};
     knorm_backward(P, coef.data_ptr<double>(), Z, g.data_ptr<double>(),
                    BackwardOut<scalar_t>{dX.data_ptr<scalar_t>(), nullptr, nullptr, nullptr});
   });
@@ -310,10 +316,10 @@ at::Tensor cost_of_identity_backward_cpu(const at::Tensor& grad, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_cpu(const at::Tensor& M_in, const at::Tensor& X_in,
                                                            const c10::optional<at::Tensor>& gamma,
-                                                           double gamma0, bool bias) {
-  if (cpu_aten_energies()) return k_norm2_aten(M_in, X_in, gamma, gamma0, bias);
+                                                           double gamma0, bool bias, c10::string_view activation) {
+  if (cpu_aten_energies()) return k_norm2_aten(M_in, X_in, gamma, gamma0, bias, activation);
   RECORD_FUNCTION("leakycuda::cpu::k_norm2", std::vector<c10::IValue>());
-  const KNormDims d = check_knorm_args(M_in, X_in, gamma, gamma0, bias);
+  const KNormDims d = check_knorm_args(M_in, X_in, gamma, gamma0, bias, activation);
   check_gamma_if_given(gamma);
   const auto batch = X_in.sizes().slice(0, X_in.dim() - 2);
   std::vector<int64_t> zshape(batch.begin(), batch.end());
@@ -322,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_cpu(const at::Tensor& M_i
   at::Tensor val, gam, Z;
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "k_norm2_cpu", [&] {
     Problem<scalar_t> P{Source::kKNorm, X.data_ptr<scalar_t>(), M.data_ptr<scalar_t>(), nullptr,
-                        d.B, d.N, d.w, d.p, d.m, 1, bias};
+                        d.B, d.N, d.w, d.p, d.m, 1, bias, d.relu};
     ForwardOut f = knorm_forward(P, gamma, gamma0);
     val = finish_knorm_values(f.values, f.gamma).select(1, 0);
     gam = f.gamma, Z = f.Z;
@@ -332,10 +338,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_cpu(const at::Tensor& M_i
 
 std::tuple<at::Tensor, at::Tensor> k_norm2_backward_cpu(const at::Tensor& grad, const at::Tensor& M_in,
                                                         const at::Tensor& X_in, const at::Tensor& Z_in,
-                                                        const at::Tensor& gamma, bool bias) {
-  if (cpu_aten_energies()) return k_norm2_backward_aten(grad, M_in, X_in, Z_in, gamma, bias);
+                                                        const at::Tensor& gamma, bool bias,
+                                                        c10::string_view activation) {
+  if (cpu_aten_energies()) return k_norm2_backward_aten(grad, M_in, X_in, Z_in, gamma, bias, activation);
   RECORD_FUNCTION("leakycuda::cpu::k_norm2_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_knorm_args(M_in, X_in, gamma, 1.0, bias);
+  const KNormDims d = check_knorm_args(M_in, X_in, gamma, 1.0, bias, activation);
   check_saved_z(Z_in, gamma, d, X_in, "X", 1);
   check_grad_arg(grad, "grad", d.B, X_in, "X");
   const at::Tensor X = X_in.contiguous(), M = M_in.contiguous(), Z = Z_in.reshape({d.B, d.p, d.m}).contiguous();
@@ -344,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> k_norm2_backward_cpu(const at::Tensor& grad, 
   at::Tensor dX = at::empty_like(X), dM = at::empty_like(M);
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "k_norm2_backward_cpu", [&] {
     Problem<scalar_t> P{Source::kKNorm, X.data_ptr<scalar_t>(), M.data_ptr<scalar_t>(), nullptr,
-                        d.B, d.N, d.w, d.p, d.m, 1, bias};
+                        d.B, d.N, d.w, d.p, d.m, 1, bias, d.relu};
     knorm_backward(P, coef.data_ptr<double>(), Z, g.data_ptr<double>(),
                    BackwardOut<scalar_t>{dX.data_ptr<scalar_t>(), dM.data_ptr<scalar_t>(), nullptr, nullptr});
   });
@@ -353,10 +360,10 @@ std::tuple<at::Tensor, at::Tensor> k_norm2_backward_cpu(const at::Tensor& grad, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 energies_cpu(const at::Tensor& xs_in, const at::Tensor& rho_in, double Lt,
-             const c10::optional<at::Tensor>& gamma, double gamma0, bool bias) {
-  if (cpu_aten_energies()) return energies_aten(xs_in, rho_in, Lt, gamma, gamma0, bias);
+             const c10::optional<at::Tensor>& gamma, double gamma0, bool bias, c10::string_view activation) {
+  if (cpu_aten_energies()) return energies_aten(xs_in, rho_in, Lt, gamma, gamma0, bias, activation);
   RECORD_FUNCTION("leakycuda::cpu::energies", std::vector<c10::IValue>());
-  const KNormDims d = check_energies_args(xs_in, rho_in, Lt, gamma, gamma0, bias);
+  const KNormDims d = check_energies_args(xs_in, rho_in, Lt, gamma, gamma0, bias, activation);
   check_gamma_if_given(gamma);
   const at::Tensor xs = xs_in.contiguous();
   const at::Tensor rho = rho_in.detach().to(at::kDouble).contiguous();
@@ -364,7 +371,7 @@ energies_cpu(const at::Tensor& xs_in, const at::Tensor& rho_in, double Lt,
   std::array<at::Tensor, 5> e;
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "energies_cpu", [&] {
     Problem<scalar_t> P{Source::kEnergies, xs.data_ptr<scalar_t>(), nullptr, rho.data_ptr<double>(),
-                        d.B, d.N, d.w, d.p, d.w, 2, bias};
+                        d.B, d.N, d.w, d.p, d.w, 2, bias, d.relu};
     ForwardOut f = knorm_forward(P, gamma, gamma0);
     gam = f.gamma, Z = f.Z;
     e = energies_from_values(f.values, gam, Lt);
@@ -376,13 +383,14 @@ energies_cpu(const at::Tensor& xs_in, const at::Tensor& rho_in, double Lt,
 std::tuple<at::Tensor, at::Tensor> energies_backward_cpu(
     const at::Tensor& grad_coi, const at::Tensor& grad_kinetic, const at::Tensor& grad_potential,
     const at::Tensor& grad_hamiltonian, const at::Tensor& grad_rank, const at::Tensor& xs_in,
-    const at::Tensor& rho_in, double Lt, const at::Tensor& Z_in, const at::Tensor& gamma, bool bias) {
+    const at::Tensor& rho_in, double Lt, const at::Tensor& Z_in, const at::Tensor& gamma, bool bias,
+    c10::string_view activation) {
   if (cpu_aten_energies()) {
     return energies_backward_aten(grad_coi, grad_kinetic, grad_potential, grad_hamiltonian, grad_rank, xs_in,
-                                  rho_in, Lt, Z_in, gamma, bias);
+                                  rho_in, Lt, Z_in, gamma, bias, activation);
   }
   RECORD_FUNCTION("leakycuda::cpu::energies_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_energies_args(xs_in, rho_in, Lt, gamma, 1.0, bias);
+  const KNormDims d = check_energies_args(xs_in, rho_in, Lt, gamma, 1.0, bias, activation);
   check_saved_z(Z_in, gamma, d, xs_in, "xs", 2);
   const int64_t L = d.B;
   const std::array<at::Tensor, 5> grads = {grad_coi, grad_kinetic, grad_potential, grad_hamiltonian, grad_rank};
@@ -398,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor> energies_backward_cpu(
   at::Tensor drho = at::empty({L}, at::kDouble);
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "energies_backward_cpu", [&] {
     Problem<scalar_t> P{Source::kEnergies, xs.data_ptr<scalar_t>(), nullptr, rho.data_ptr<double>(),
-                        d.B, d.N, d.w, d.p, d.w, 2, bias};
+                        d.B, d.N, d.w, d.p, d.w, 2, bias, d.relu};
     knorm_backward(P, coef.data_ptr<double>(), Z, g.data_ptr<double>(),
                    BackwardOut<scalar_t>{dself.data_ptr<scalar_t>(), nullptr, dnext.data_ptr<scalar_t>(),
                                          drho.data_ptr<double>()});

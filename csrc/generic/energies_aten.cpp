@@ -88,7 +88,7 @@ Forward forward(const Problem& P, const c10::optional<at::Tensor>& gamma, double
   const bool gram = d.N >= d.p;
   for (int64_t b0 = 0; b0 < d.B; b0 += P.chunk()) {
     const int64_t n = std::min(P.chunk(), d.B - b0);
-    const at::Tensor x = P.x(b0, n), M = P.m(b0, n, x), S = sigma_of(x, P.bias), St = S.transpose(1, 2);
+    const at::Tensor x = P.x(b0, n), M = P.m(b0, n, x), S = sigma_of(x, P.bias, d.relu), St = S.transpose(1, 2);
     at::Tensor A = gram ? at::bmm(St, S) : at::bmm(S, St);
     at::Tensor g = f.gamma.narrow(0, b0, n);
     if (!gamma.has_value()) g.copy_(gamma_policy(A, gamma0));
@@ -121,14 +121,14 @@ void backward(const Problem& P, const at::Tensor& coef, const at::Tensor& Zall, 
   const int64_t w = d.w, mc = P.mc();
   for (int64_t b0 = 0; b0 < d.B; b0 += P.chunk()) {
     const int64_t n = std::min(P.chunk(), d.B - b0);
-    const at::Tensor x = P.x(b0, n), M = P.m(b0, n, x), S = sigma_of(x, P.bias);
+    const at::Tensor x = P.x(b0, n), M = P.m(b0, n, x), S = sigma_of(x, P.bias, d.relu);
     const at::Tensor Z = Zall.narrow(0, b0, n), g = gamma.narrow(0, b0, n).unsqueeze(1);
     const at::Tensor scale = at::where(g.ne(0.0), coef.narrow(0, b0, n) * 2.0 / g, at::zeros({}, g.options()));
     const at::Tensor Q = at::baddbmm(M, S, Z, 1.0, -1.0).view({n, d.N, P.blocks, d.m})
                              .mul(scale.view({n, 1, P.blocks, 1})).view({n, d.N, mc});
     const at::Tensor Pm = at::bmm(Q, Z.narrow(1, 0, w).transpose(1, 2));
-    // sigma'(X) as relu's backward has it: 0 where X <= 0, else 1 (NaN passes the gradient through).
-    const at::Tensor metric = at::where(x.le(0.0), at::zeros({}, Pm.options()), Pm);
+    // sigma'(X): 1 for linear; for relu as relu's backward has it, 0 where X <= 0, else 1 (NaN passes).
+    const at::Tensor metric = d.relu ? at::where(x.le(0.0), at::zeros({}, Pm.options()), Pm) : Pm;
     const auto dt = out.dX.scalar_type();
     switch (P.kind) {
       case Kind::kCoi:
@@ -160,9 +160,10 @@ std::vector<int64_t> batch_shape(const at::Tensor& X, std::initializer_list<int6
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_aten(
-    const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias) {
+    const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+    c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::cost_of_identity", std::vector<c10::IValue>());
-  const KNormDims d = check_coi_args(X, gamma, gamma0, bias);
+  const KNormDims d = check_coi_args(X, gamma, gamma0, bias, activation);
   if (gamma.has_value()) check_gamma_values(*gamma);
   const Problem P{Kind::kCoi, X.reshape({d.B, d.N, d.w}), {}, {}, d, 1, bias};
   const Forward f = forward(P, gamma, gamma0);
@@ -171,9 +172,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_aten(
 }
 
 at::Tensor cost_of_identity_backward_aten(const at::Tensor& grad, const at::Tensor& X,
-                                          const at::Tensor& Z, const at::Tensor& gamma, bool bias) {
+                                          const at::Tensor& Z, const at::Tensor& gamma, bool bias,
+                                          c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::cost_of_identity_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_coi_args(X, gamma, 1.0, bias);
+  const KNormDims d = check_coi_args(X, gamma, 1.0, bias, activation);
   check_saved_z(Z, gamma, d, X, "X", 1);
   check_grad_arg(grad, "grad", d.B, X, "X");
   const Problem P{Kind::kCoi, X.reshape({d.B, d.N, d.w}), {}, {}, d, 1, bias};
@@ -185,9 +187,9 @@ at::Tensor cost_of_identity_backward_aten(const at::Tensor& grad, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_aten(const at::Tensor& M, const at::Tensor& X,
                                                             const c10::optional<at::Tensor>& gamma,
-                                                            double gamma0, bool bias) {
+                                                            double gamma0, bool bias, c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::k_norm2", std::vector<c10::IValue>());
-  const KNormDims d = check_knorm_args(M, X, gamma, gamma0, bias);
+  const KNormDims d = check_knorm_args(M, X, gamma, gamma0, bias, activation);
   if (gamma.has_value()) check_gamma_values(*gamma);
   const Problem P{Kind::kKNorm, X.reshape({d.B, d.N, d.w}), M.reshape({d.B, d.N, d.m}), {}, d, 1, bias};
   const Forward f = forward(P, gamma, gamma0);
@@ -197,9 +199,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_aten(const at::Tensor& M,
 
 std::tuple<at::Tensor, at::Tensor> k_norm2_backward_aten(const at::Tensor& grad, const at::Tensor& M,
                                                          const at::Tensor& X, const at::Tensor& Z,
-                                                         const at::Tensor& gamma, bool bias) {
+                                                         const at::Tensor& gamma, bool bias,
+                                                         c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::k_norm2_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_knorm_args(M, X, gamma, 1.0, bias);
+  const KNormDims d = check_knorm_args(M, X, gamma, 1.0, bias, activation);
   check_saved_z(Z, gamma, d, X, "X", 1);
   check_grad_arg(grad, "grad", d.B, X, "X");
   const Problem P{Kind::kKNorm, X.reshape({d.B, d.N, d.w}), M.reshape({d.B, d.N, d.m}), {}, d, 1, bias};
@@ -211,9 +214,9 @@ std::tuple<at::Tensor, at::Tensor> k_norm2_backward_aten(const at::Tensor& grad,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 energies_aten(const at::Tensor& xs, const at::Tensor& rho, double Lt,
-              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias) {
+              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias, c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::energies", std::vector<c10::IValue>());
-  const KNormDims d = check_energies_args(xs, rho, Lt, gamma, gamma0, bias);
+  const KNormDims d = check_energies_args(xs, rho, Lt, gamma, gamma0, bias, activation);
   if (gamma.has_value()) check_gamma_values(*gamma);
   const Problem P{Kind::kEnergies, xs, {}, rho.detach().to(at::kDouble), d, 2, bias};
   const Forward f = forward(P, gamma, gamma0);
@@ -225,9 +228,10 @@ energies_aten(const at::Tensor& xs, const at::Tensor& rho, double Lt,
 std::tuple<at::Tensor, at::Tensor> energies_backward_aten(
     const at::Tensor& grad_coi, const at::Tensor& grad_kinetic, const at::Tensor& grad_potential,
     const at::Tensor& grad_hamiltonian, const at::Tensor& grad_rank, const at::Tensor& xs,
-    const at::Tensor& rho, double Lt, const at::Tensor& Z, const at::Tensor& gamma, bool bias) {
+    const at::Tensor& rho, double Lt, const at::Tensor& Z, const at::Tensor& gamma, bool bias,
+    c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::energies_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_energies_args(xs, rho, Lt, gamma, 1.0, bias);
+  const KNormDims d = check_energies_args(xs, rho, Lt, gamma, 1.0, bias, activation);
   check_saved_z(Z, gamma, d, xs, "xs", 2);
   const std::array<at::Tensor, 5> grads = {grad_coi, grad_kinetic, grad_potential, grad_hamiltonian, grad_rank};
   const char* names[5] = {"grad_coi", "grad_kinetic", "grad_potential", "grad_hamiltonian", "grad_rank"};

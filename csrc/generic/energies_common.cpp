@@ -53,13 +53,13 @@ void check_gamma_arg(const c10::optional<at::Tensor>& gamma, double gamma0, c10:
   }
 }
 
-KNormDims dims_of(const at::Tensor& X, const char* name, bool bias) {
+KNormDims dims_of(const at::Tensor& X, const char* name, bool bias, c10::string_view activation) {
   TORCH_CHECK_VALUE(X.dim() >= 2, name,
                     " must be [..., N, w] (samples x width, with optional leading batch dims), got shape ",
                     shape_str(X.sizes()));
   const int64_t N = X.size(-2), w = X.size(-1);
   TORCH_CHECK_VALUE(w >= 1, name, " must be [..., N, w] with width w >= 1, got shape ", shape_str(X.sizes()));
-  return {batch_numel(X.sizes().slice(0, X.dim() - 2)), N, w, w + (bias ? 1 : 0), w};
+  return {batch_numel(X.sizes().slice(0, X.dim() - 2)), N, w, w + (bias ? 1 : 0), w, energy_relu(activation)};
 }
 
 // sign(t) * inf where t != 0, t itself where t is 0 or NaN: the limit of t / gamma as gamma -> 0+.
@@ -69,21 +69,29 @@ at::Tensor signed_inf(const at::Tensor& t) {
 
 }  // namespace
 
+bool energy_relu(c10::string_view activation) {
+  if (activation == "relu") return true;
+  TORCH_CHECK_VALUE(activation == "linear", "activation must be \"relu\" or \"linear\", got \"",
+                    std::string(activation), "\"");
+  return false;
+}
+
 KNormDims check_coi_args(const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0,
-                         bool bias) {
+                         bool bias, c10::string_view activation) {
   check_energy_dtype(X, "X");
-  const KNormDims d = dims_of(X, "X", bias);
+  const KNormDims d = dims_of(X, "X", bias, activation);
   check_gamma_arg(gamma, gamma0, X.sizes().slice(0, X.dim() - 2), X, "X", "per batch entry of X");
   return d;
 }
 
 KNormDims check_knorm_args(const at::Tensor& M, const at::Tensor& X,
-                           const c10::optional<at::Tensor>& gamma, double gamma0, bool bias) {
+                           const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+                           c10::string_view activation) {
   check_energy_dtype(X, "X");
   TORCH_CHECK_TYPE(M.scalar_type() == X.scalar_type(), "M must have the dtype of X (", X.scalar_type(), "), got ",
                    M.scalar_type());
   check_same_device(M, "M", X, "X");
-  KNormDims d = dims_of(X, "X", bias);
+  KNormDims d = dims_of(X, "X", bias, activation);
   TORCH_CHECK_VALUE(M.dim() == X.dim() && M.sizes().slice(0, M.dim() - 1) == X.sizes().slice(0, X.dim() - 1),
                     "M must be [..., N, m] with the leading dims and N of X ", shape_str(X.sizes()),
                     " (the K-norm is taken in the sample space of X), got ", shape_str(M.sizes()));
@@ -93,7 +101,8 @@ KNormDims check_knorm_args(const at::Tensor& M, const at::Tensor& X,
 }
 
 KNormDims check_energies_args(const at::Tensor& xs, const at::Tensor& rho, double Lt,
-                              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias) {
+                              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+                              c10::string_view activation) {
   check_energy_dtype(xs, "xs");
   TORCH_CHECK_VALUE(xs.dim() == 3 && xs.size(0) >= 1 && xs.size(2) >= 1,
                     "xs must be [L+1, N, w] (every representation X_0..X_L of one batch, L+1 >= 1, w >= 1), got shape ",
@@ -111,11 +120,12 @@ KNormDims check_energies_args(const at::Tensor& xs, const at::Tensor& rho, doubl
     const double* p = r.data_ptr<double>();
     for (int64_t l = 0; l < L; ++l) {
       TORCH_CHECK_VALUE(std::isfinite(p[l]) && p[l] > 0.0,
-                        "rho must hold finite steps rho_l > 0 (D_l = (X_l - X_{l-1})/rho_l), got rho[", l, "] = ", p[l]);
+                        "rho must hold finite steps rho_l > 0 (D_l = (X_l - X_{l-1})/rho_l), got rho[", l,
+                        "] = ", p[l]);
     }
   }
   check_gamma_arg(gamma, gamma0, {L}, xs, "xs", "per layer");
-  return {L, N, w, w + (bias ? 1 : 0), w};
+  return {L, N, w, w + (bias ? 1 : 0), w, energy_relu(activation)};
 }
 
 void check_saved_z(const at::Tensor& Z, const at::Tensor& gamma, const KNormDims& d,
@@ -158,8 +168,8 @@ bool cpu_aten_energies() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
-at::Tensor sigma_of(const at::Tensor& X, bool bias) {
-  const at::Tensor S = at::relu(X);
+at::Tensor sigma_of(const at::Tensor& X, bool bias, bool relu) {
+  const at::Tensor S = relu ? at::relu(X) : X;
   return bias ? at::cat({S, at::ones_like(X.narrow(-1, 0, 1))}, -1) : S;
 }
 
@@ -238,14 +248,14 @@ at::Tensor energies_coef(const std::array<at::Tensor, 5>& grads, double Lt) {
 namespace {
 
 // Exact COI of the batch entries in X64 [b, N, w] (float64): see cost_of_identity_exact.
-void exact_entries(const at::Tensor& X64, bool bias, double rc, at::Tensor coi, at::Tensor res,
+void exact_entries(const at::Tensor& X64, bool bias, bool relu, double rc, at::Tensor coi, at::Tensor res,
                    at::Tensor rank) {
   const int64_t b = X64.size(0), N = X64.size(1);
   if (N == 0) {
     coi.zero_(), res.zero_(), rank.zero_();
     return;
   }
-  const at::Tensor S = sigma_of(X64, bias);
+  const at::Tensor S = sigma_of(X64, bias, relu);
   // The SVD cannot take a non-finite S: those entries get NaN (and rank -1) after a stand-in SVD.
   const at::Tensor finite = at::isfinite(S).flatten(1).all(1);
   auto [U, sv, Vh] = at::linalg_svd(at::where(finite.view({b, 1, 1}), S, at::zeros({}, S.options())),
@@ -264,11 +274,12 @@ void exact_entries(const at::Tensor& X64, bool bias, double rc, at::Tensor coi, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_exact(const at::Tensor& X,
                                                                       c10::optional<double> rcond,
-                                                                      bool bias) {
+                                                                      bool bias,
+                                                                      c10::string_view activation) {
   const auto dt = X.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kDouble || dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
                    "X must be a floating tensor (float64, float32, float16 or bfloat16), got ", dt);
-  const KNormDims d = dims_of(X, "X", bias);
+  const KNormDims d = dims_of(X, "X", bias, activation);
   const double eps = dt == at::kDouble ? std::numeric_limits<double>::epsilon()
                      : dt == at::kFloat ? double(std::numeric_limits<float>::epsilon())
                      : dt == at::kHalf ? 9.765625e-4 : 7.8125e-3;
@@ -284,12 +295,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_exact(const at::
     // One SVD per entry in parallel (batched LAPACK calls oversubscribe the threads on CPU).
     RECORD_FUNCTION("leakycuda::cpu::cost_of_identity_exact", std::vector<c10::IValue>());
     at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-      exact_entries(X64.narrow(0, b0, b1 - b0), bias, rc, coi.narrow(0, b0, b1 - b0),
+      exact_entries(X64.narrow(0, b0, b1 - b0), bias, d.relu, rc, coi.narrow(0, b0, b1 - b0),
                     res.narrow(0, b0, b1 - b0), rank.narrow(0, b0, b1 - b0));
     });
   } else if (d.B > 0) {
     RECORD_FUNCTION("leakycuda::generic::cost_of_identity_exact", std::vector<c10::IValue>());
-    exact_entries(X64, bias, rc, coi, res, rank);
+    exact_entries(X64, bias, d.relu, rc, coi, res, rank);
   }
   return {coi.to(X.scalar_type()).reshape(batch), res.to(X.scalar_type()).reshape(batch), rank.reshape(batch)};
 }
