@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
+#include <c10/core/SymInt.h>
 
 #include <array>
 #include <tuple>
@@ -25,31 +26,66 @@ struct KNormDims {
   bool relu;
 };
 
+// The same sizes, possibly symbolic (under tracing).
+struct SymKNormDims {
+  c10::SymInt B, N, w, p, m;
+  bool relu;
+};
+
 // Whether the schema's `activation` string is "relu" (true) or "linear" (false); ValueError otherwise.
 bool energy_relu(c10::string_view activation);
 
-// --- argument checks (generic/energies_common.cpp); messages name the argument, the given and the expected ---
+// --- argument checks, one per op (generic/energies_checks.cpp): ValueError/TypeError naming the
+// argument, the given and the expected. The *_symint checks (dtypes, devices, shapes, scalar
+// arguments) run on symbolic sizes, in the kernels and in the Meta kernels alike; the others are what
+// every kernel calls: the same on concrete sizes, plus the host-side value checks (gamma > 0 where a
+// forward gets one, rho > 0), which tracing cannot do.
 
 // X [..., N, w]; gamma None (then gamma0 > 0 is the policy) or [...] / one value, same device.
-KNormDims check_coi_args(const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0,
-                         bool bias, c10::string_view activation);
+SymKNormDims check_coi_args_symint(const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0,
+                                   bool bias, c10::string_view activation);
 // M [..., N, m] with the leading dims and N of X [..., N, w].
-KNormDims check_knorm_args(const at::Tensor& M, const at::Tensor& X,
-                           const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
-                           c10::string_view activation);
-// xs [L+1, N, w], rho [L] (> 0, read on the host), Lt finite; B = L.
+SymKNormDims check_knorm_args_symint(const at::Tensor& M, const at::Tensor& X,
+                                     const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+                                     c10::string_view activation);
+// xs [L+1, N, w], rho [L], Lt finite; B = L.
+SymKNormDims check_energies_args_symint(const at::Tensor& xs, const at::Tensor& rho, double Lt,
+                                        const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+                                        c10::string_view activation);
+// Backward ops: the forward's inputs, its Z [..., p, m * blocks] and gamma_used [...] (float64), and
+// one gradient value per batch entry (per layer for the five energies outputs).
+SymKNormDims check_coi_backward_args_symint(const at::Tensor& grad, const at::Tensor& X, const at::Tensor& Z,
+                                            const at::Tensor& gamma, bool bias, c10::string_view activation);
+SymKNormDims check_knorm_backward_args_symint(const at::Tensor& grad, const at::Tensor& M, const at::Tensor& X,
+                                              const at::Tensor& Z, const at::Tensor& gamma, bool bias,
+                                              c10::string_view activation);
+SymKNormDims check_energies_backward_args_symint(const std::array<at::Tensor, 5>& grads, const at::Tensor& xs,
+                                                 const at::Tensor& rho, double Lt, const at::Tensor& Z,
+                                                 const at::Tensor& gamma, bool bias, c10::string_view activation);
+// X [..., N, w] of any floating dtype; rcond None or finite >= 0.
+SymKNormDims check_exact_args_symint(const at::Tensor& X, c10::optional<double> rcond, bool bias,
+                                     c10::string_view activation);
+
+KNormDims check_coi_args(const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+                         c10::string_view activation);
+KNormDims check_knorm_args(const at::Tensor& M, const at::Tensor& X, const c10::optional<at::Tensor>& gamma,
+                           double gamma0, bool bias, c10::string_view activation);
 KNormDims check_energies_args(const at::Tensor& xs, const at::Tensor& rho, double Lt,
                               const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
                               c10::string_view activation);
-// Checks of the tensors a backward op gets back from its forward (Z [..., p, m], gamma [...]).
-void check_saved_z(const at::Tensor& Z, const at::Tensor& gamma, const KNormDims& d,
-                   const at::Tensor& ref, const char* ref_name, int64_t blocks);
-// grad of a [B]-valued output: B values, floating, on ref's device.
-void check_grad_arg(const at::Tensor& grad, const char* name, int64_t B, const at::Tensor& ref,
-                    const char* ref_name);
+KNormDims check_coi_backward_args(const at::Tensor& grad, const at::Tensor& X, const at::Tensor& Z,
+                                  const at::Tensor& gamma, bool bias, c10::string_view activation);
+KNormDims check_knorm_backward_args(const at::Tensor& grad, const at::Tensor& M, const at::Tensor& X,
+                                    const at::Tensor& Z, const at::Tensor& gamma, bool bias,
+                                    c10::string_view activation);
+KNormDims check_energies_backward_args(const std::array<at::Tensor, 5>& grads, const at::Tensor& xs,
+                                       const at::Tensor& rho, double Lt, const at::Tensor& Z, const at::Tensor& gamma,
+                                       bool bias, c10::string_view activation);
 
-// Every gamma finite and > 0 (reads gamma on the host: skip it while capturing a CUDA graph).
+// Value checks on the host (skip them while capturing a CUDA graph): every gamma finite and > 0,
+// every rho_l finite and > 0.
 void check_gamma_values(const at::Tensor& gamma);
+void check_step_values(const at::Tensor& rho);
 
 // True when LEAKYCUDA_CPU_ATEN_ENERGIES=1 (read at every call): the CPU ops then run the
 // device-generic implementation, the code CUDA falls back to, so CPU tests cover it.

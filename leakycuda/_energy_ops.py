@@ -1,53 +1,10 @@
-"""Fake (meta) and autograd registrations of the Cost-of-Identity, K-norm and energies ops."""
+"""Autograd registrations of the Cost-of-Identity, K-norm and energies ops (their fake impls are C++ Meta kernels)."""
 import torch
 
 from ._ops import ops
 
-_F64 = torch.float64
-
-
-def _p(w, bias):
-    return w + 1 if bias else w
-
-
-@torch.library.register_fake("leakycuda::cost_of_identity")
-def _cost_of_identity_fake(X, gamma, gamma0, bias, activation="relu"):
-    batch, (N, w) = X.shape[:-2], X.shape[-2:]
-    return X.new_empty(batch), X.new_empty(batch, dtype=_F64), X.new_empty(batch + (_p(w, bias), w), dtype=_F64)
-
-
-@torch.library.register_fake("leakycuda::cost_of_identity_backward")
-def _cost_of_identity_backward_fake(grad, X, Z, gamma, bias, activation="relu"):
-    return torch.empty_like(X)
-
-
-@torch.library.register_fake("leakycuda::cost_of_identity_exact")
-def _cost_of_identity_exact_fake(X, rcond, bias, activation="relu"):
-    batch = X.shape[:-2]
-    return X.new_empty(batch), X.new_empty(batch), X.new_empty(batch, dtype=torch.int64)
-
-
-@torch.library.register_fake("leakycuda::k_norm2")
-def _k_norm2_fake(M, X, gamma, gamma0, bias, activation="relu"):
-    batch, w, m = X.shape[:-2], X.shape[-1], M.shape[-1]
-    return M.new_empty(batch), M.new_empty(batch, dtype=_F64), M.new_empty(batch + (_p(w, bias), m), dtype=_F64)
-
-
-@torch.library.register_fake("leakycuda::k_norm2_backward")
-def _k_norm2_backward_fake(grad, M, X, Z, gamma, bias, activation="relu"):
-    return torch.empty_like(M), torch.empty_like(X)
-
-
-@torch.library.register_fake("leakycuda::energies")
-def _energies_fake(xs, rho, Lt, gamma, gamma0, bias, activation="relu"):
-    L, w = xs.shape[0] - 1, xs.shape[-1]
-    per_layer = [xs.new_empty((L,)) for _ in range(5)]
-    return (*per_layer, xs.new_empty((L,), dtype=_F64), xs.new_empty((L, _p(w, bias), 2 * w), dtype=_F64))
-
-
-@torch.library.register_fake("leakycuda::energies_backward")
-def _energies_backward_fake(g_coi, g_kin, g_pot, g_ham, g_rank, xs, rho, Lt, Z, gamma, bias, activation="relu"):
-    return torch.empty_like(xs), torch.empty_like(rho)
+# The ops' fake (meta) implementations are C++ Meta kernels (csrc/generic/energies_checks.cpp) that run
+# the kernels' own argument checks on symbolic sizes.
 
 
 # Autograd: gamma (given, or from the gamma0 policy) is held fixed; the backward ops recompute

@@ -34,6 +34,9 @@ class ExactCOI(NamedTuple):
 
     value: ``||S^+ X||_F^2`` (pseudo-inverse with the relative cutoff, finite even where the theory says
     infinite); residual: ``||S S^+ X - X||_F``; rank: numerical rank of S (int64); x_norm: ``||X||_F``.
+    Non-finite X: where sigma(X) is not finite (NaN or +inf in X; any inf with "linear") value and
+    residual are NaN and rank is -1 (no SVD is taken); where only X is (-inf under relu) rank is that of
+    the finite sigma(X) and value and residual follow the arithmetic (inf, NaN), as in the reference.
     """
 
     value: torch.Tensor
@@ -73,6 +76,19 @@ def _check_tensor(t, name, hint):
         raise TypeError("%s must be a tensor %s, got %s" % (name, hint, type(t).__name__))
 
 
+def _real(v, name, what):
+    """v as a float when it is a real number (not a bool); TypeError naming ``name`` otherwise."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError("%s must be %s, got %r" % (name, what, v))
+    return float(v)
+
+
+def _flag(v, name):
+    if not isinstance(v, bool):
+        raise TypeError("%s must be True or False, got %r" % (name, v))
+    return v
+
+
 def _activation_arg(activation):
     if not isinstance(activation, str):
         raise TypeError('activation must be "relu" or "linear", got %r' % (activation,))
@@ -83,14 +99,22 @@ def _is_zero_number(g):
     return isinstance(g, numbers.Real) and not isinstance(g, bool) and g == 0
 
 
-def _gamma_arg(gamma, gamma0, like, batch, name="X"):
-    """(gamma tensor or None, gamma0 float) as the ops take them; gamma broadcast to the batch shape."""
+# What a gamma <= 0 is told, per function.
+_COI_RIDGE = "finite and > 0 (or None / the number 0 for the exact COI)"
+_RIDGE = "finite and > 0 (a ridge; or give gamma0 for the layer-relative gamma0 * ||sigma(X)||_op^2)"
+
+
+def _gamma_arg(gamma, gamma0, like, batch, name="X", positive=_RIDGE):
+    """(gamma tensor or None, gamma0 float) as the ops take them; gamma broadcast to the batch shape.
+    A number gamma must be ``positive`` (the message says what else the caller accepts)."""
     if gamma is not None and gamma0 is not None:
         raise ValueError("give either gamma (a fixed ridge) or gamma0 (gamma = gamma0 * ||sigma(X)||_op^2), not both")
     if gamma0 is not None:
-        if isinstance(gamma0, bool) or not isinstance(gamma0, numbers.Real) or not (0 < gamma0 < math.inf):
-            raise ValueError("gamma0 must be a finite number > 0, got %r" % (gamma0,))
-        return None, float(gamma0)
+        gamma0 = _real(gamma0, "gamma0", "a finite number > 0 (gamma = gamma0 * ||sigma(X)||_op^2)")
+        if not 0 < gamma0 < math.inf:
+            raise ValueError("gamma0 must be a finite number > 0 (gamma = gamma0 * ||sigma(X)||_op^2), got %r"
+                             % (gamma0,))
+        return None, gamma0
     if isinstance(gamma, torch.Tensor):
         try:
             g = torch.broadcast_to(gamma, batch)
@@ -98,11 +122,10 @@ def _gamma_arg(gamma, gamma0, like, batch, name="X"):
             raise ValueError("gamma must broadcast to the batch shape %s of %s, got shape %s"
                              % (tuple(batch), name, tuple(gamma.shape))) from None
         return g.to(device=like.device), 1.0
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
-        raise TypeError("gamma must be a number, a tensor or None, got %r" % (gamma,))
-    if not (0 < gamma < math.inf):
-        raise ValueError("gamma must be finite and > 0, got %r; for the exact COI pass gamma=None (or 0)" % (gamma,))
-    return torch.tensor(float(gamma), dtype=torch.float64, device=like.device), 1.0
+    gamma = _real(gamma, "gamma", "a number, a tensor or None")
+    if not 0 < gamma < math.inf:
+        raise ValueError("gamma must be %s, got %r" % (positive, gamma))
+    return torch.tensor(gamma, dtype=torch.float64, device=like.device), 1.0
 
 
 def cost_of_identity(X, gamma=None, *, gamma0=None, bias=True, activation="relu", rcond=None, return_gamma=False):
@@ -125,16 +148,18 @@ def cost_of_identity(X, gamma=None, *, gamma0=None, bias=True, activation="relu"
     float32/float64 on CPU (CUDA when built with it).
     """
     _check_tensor(X, "X", "[..., N, w]")
-    activation = _activation_arg(activation)
+    activation, bias, return_gamma = _activation_arg(activation), _flag(bias, "bias"), _flag(return_gamma, "return_gamma")
     exact = gamma0 is None and (gamma is None or _is_zero_number(gamma))
     if exact:
-        value, residual, rank = ops.cost_of_identity_exact(X.detach(), rcond, bool(bias), activation)
+        if rcond is not None:
+            rcond = _real(rcond, "rcond", "a number >= 0 (relative singular-value cutoff) or None")
+        value, residual, rank = ops.cost_of_identity_exact(X.detach(), rcond, bias, activation)
         x_norm = torch.linalg.vector_norm(X.detach(), dim=(-2, -1)) if X.dim() >= 2 else X.new_zeros(())
         return ExactCOI(value, residual, rank, x_norm.to(value.dtype))
     if rcond is not None:
         raise ValueError("rcond only applies to the exact COI (gamma=None or 0)")
-    g, g0 = _gamma_arg(gamma, gamma0, X, X.shape[:-2])
-    coi, gamma_used, _ = ops.cost_of_identity(X, g, g0, bool(bias), activation)
+    g, g0 = _gamma_arg(gamma, gamma0, X, X.shape[:-2], positive=_COI_RIDGE)
+    coi, gamma_used, _ = ops.cost_of_identity(X, g, g0, bias, activation)
     return (coi, gamma_used) if return_gamma else coi
 
 
@@ -150,8 +175,9 @@ def k_norm2(M, X, gamma=None, *, gamma0=None, bias=True, activation="relu", retu
     _check_tensor(X, "X", "[..., N, w]")
     if gamma is None and gamma0 is None:
         raise ValueError("k_norm2 needs a ridge: gamma > 0 or gamma0 > 0")
+    bias, return_gamma = _flag(bias, "bias"), _flag(return_gamma, "return_gamma")
     g, g0 = _gamma_arg(gamma, gamma0, X, X.shape[:-2])
-    value, gamma_used, _ = ops.k_norm2(M, X, g, g0, bool(bias), _activation_arg(activation))
+    value, gamma_used, _ = ops.k_norm2(M, X, g, g0, bias, _activation_arg(activation))
     return (value, gamma_used) if return_gamma else value
 
 
@@ -169,27 +195,39 @@ def energies(xs, rho, Lt, *, gamma=None, gamma0=None, bias=True, activation="rel
     """
     _check_tensor(xs, "xs", "[L+1, N, w]")
     if not isinstance(rho, torch.Tensor):
-        rho = torch.as_tensor(rho, dtype=xs.dtype, device=xs.device)
+        try:
+            rho = torch.as_tensor(rho, dtype=torch.float64, device=xs.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError("rho must be a tensor [L] or a sequence of L numbers, got %r" % (rho,)) from None
     if isinstance(Lt, torch.Tensor):
-        Lt = float(Lt.item())
-    if isinstance(Lt, bool) or not isinstance(Lt, numbers.Real):
-        raise TypeError("Lt must be a real number (the effective depth), got %r" % (Lt,))
+        if Lt.numel() != 1:
+            raise ValueError("Lt must be a number or a one-element tensor, got a tensor of shape %s" % (tuple(Lt.shape),))
+        Lt = Lt.item()
+    Lt = _real(Lt, "Lt", "a real number (the effective depth)")
+    bias = _flag(bias, "bias")
     if gamma is None and gamma0 is None:
         gamma0 = DEFAULT_GAMMA0
     L = xs.shape[0] - 1 if xs.dim() > 0 else 0
     g, g0 = _gamma_arg(gamma, gamma0, xs, (L,), name="xs (one per layer)")
-    out = ops.energies(xs, rho, float(Lt), g, g0, bool(bias), _activation_arg(activation))
+    out = ops.energies(xs, rho, Lt, g, g0, bias, _activation_arg(activation))
     return Energies(*out[:6])
 
 
 def stable_rank(X):
-    """``||X||_*^2 / ||X||_F^2`` of X [..., N, w] -> [...] (float64 inside, X's dtype out); 0 for X = 0.
+    """``||X||_*^2 / ||X||_F^2`` of a floating X [..., N, w] -> [...] (float64 inside, X's dtype out); 0 for
+    X = 0, NaN where X is not finite.
 
     A cheap, continuous lower bound of the exact COI for bias-free sigma (see DESIGN.md §1).
     """
     _check_tensor(X, "X", "[..., N, w]")
-    s = torch.linalg.svdvals(X.detach().double())
+    if not X.is_floating_point():
+        raise TypeError("X must be a floating tensor [..., N, w], got %s" % (X.dtype,))
+    if X.dim() < 2:
+        raise ValueError("X must be [..., N, w] (at least 2 dimensions), got shape %s" % (tuple(X.shape),))
+    X64 = X.detach().double()
+    finite = torch.isfinite(X64).all(-1).all(-1)
+    s = torch.linalg.svdvals(torch.where(finite[..., None, None], X64, torch.zeros_like(X64)))
     fro2 = s.square().sum(-1)
     nuc = s.sum(-1)
     out = torch.where(fro2 > 0, nuc.square() / torch.where(fro2 > 0, fro2, torch.ones_like(fro2)), torch.zeros_like(fro2))
-    return out.to(X.dtype)
+    return torch.where(finite, out, torch.full_like(out, math.nan)).to(X.dtype)

@@ -13,7 +13,6 @@
 #include <limits>
 #include <vector>
 
-#include "../checks.h"
 #include "../energies.h"
 
 namespace leakycuda {
@@ -265,10 +264,6 @@ void knorm_backward(const Problem<scalar_t>& P, const double* coef, const at::Te
   });
 }
 
-void check_gamma_if_given(const c10::optional<at::Tensor>& gamma) {
-  if (gamma.has_value()) check_gamma_values(*gamma);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_cpu(
@@ -277,7 +272,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_cpu(
   if (cpu_aten_energies()) return cost_of_identity_aten(X_in, gamma, gamma0, bias, activation);
   RECORD_FUNCTION("leakycuda::cpu::cost_of_identity", std::vector<c10::IValue>());
   const KNormDims d = check_coi_args(X_in, gamma, gamma0, bias, activation);
-  check_gamma_if_given(gamma);
   const auto batch = X_in.sizes().slice(0, X_in.dim() - 2);
   std::vector<int64_t> zshape(batch.begin(), batch.end());
   zshape.push_back(d.p), zshape.push_back(d.w);
@@ -298,9 +292,7 @@ at::Tensor cost_of_identity_backward_cpu(const at::Tensor& grad, const at::Tenso
                                          c10::string_view activation) {
   if (cpu_aten_energies()) return cost_of_identity_backward_aten(grad, X_in, Z_in, gamma, bias, activation);
   RECORD_FUNCTION("leakycuda::cpu::cost_of_identity_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_coi_args(X_in, gamma, 1.0, bias, activation);
-  check_saved_z(Z_in, gamma, d, X_in, "X", 1);
-  check_grad_arg(grad, "grad", d.B, X_in, "X");
+  const KNormDims d = check_coi_backward_args(grad, X_in, Z_in, gamma, bias, activation);
   const at::Tensor X = X_in.contiguous(), Z = Z_in.reshape({d.B, d.p, d.w}).contiguous();
   const at::Tensor coef = grad.detach().to(at::kDouble).reshape(-1).contiguous();
   const at::Tensor g = gamma.reshape(-1).contiguous();
@@ -320,7 +312,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_cpu(const at::Tensor& M_i
   if (cpu_aten_energies()) return k_norm2_aten(M_in, X_in, gamma, gamma0, bias, activation);
   RECORD_FUNCTION("leakycuda::cpu::k_norm2", std::vector<c10::IValue>());
   const KNormDims d = check_knorm_args(M_in, X_in, gamma, gamma0, bias, activation);
-  check_gamma_if_given(gamma);
   const auto batch = X_in.sizes().slice(0, X_in.dim() - 2);
   std::vector<int64_t> zshape(batch.begin(), batch.end());
   zshape.push_back(d.p), zshape.push_back(d.m);
@@ -342,9 +333,7 @@ std::tuple<at::Tensor, at::Tensor> k_norm2_backward_cpu(const at::Tensor& grad, 
                                                         c10::string_view activation) {
   if (cpu_aten_energies()) return k_norm2_backward_aten(grad, M_in, X_in, Z_in, gamma, bias, activation);
   RECORD_FUNCTION("leakycuda::cpu::k_norm2_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_knorm_args(M_in, X_in, gamma, 1.0, bias, activation);
-  check_saved_z(Z_in, gamma, d, X_in, "X", 1);
-  check_grad_arg(grad, "grad", d.B, X_in, "X");
+  const KNormDims d = check_knorm_backward_args(grad, M_in, X_in, Z_in, gamma, bias, activation);
   const at::Tensor X = X_in.contiguous(), M = M_in.contiguous(), Z = Z_in.reshape({d.B, d.p, d.m}).contiguous();
   const at::Tensor coef = grad.detach().to(at::kDouble).reshape(-1).contiguous();
   const at::Tensor g = gamma.reshape(-1).contiguous();
@@ -364,7 +353,6 @@ energies_cpu(const at::Tensor& xs_in, const at::Tensor& rho_in, double Lt,
   if (cpu_aten_energies()) return energies_aten(xs_in, rho_in, Lt, gamma, gamma0, bias, activation);
   RECORD_FUNCTION("leakycuda::cpu::energies", std::vector<c10::IValue>());
   const KNormDims d = check_energies_args(xs_in, rho_in, Lt, gamma, gamma0, bias, activation);
-  check_gamma_if_given(gamma);
   const at::Tensor xs = xs_in.contiguous();
   const at::Tensor rho = rho_in.detach().to(at::kDouble).contiguous();
   at::Tensor gam, Z;
@@ -390,12 +378,9 @@ std::tuple<at::Tensor, at::Tensor> energies_backward_cpu(
                                   rho_in, Lt, Z_in, gamma, bias, activation);
   }
   RECORD_FUNCTION("leakycuda::cpu::energies_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_energies_args(xs_in, rho_in, Lt, gamma, 1.0, bias, activation);
-  check_saved_z(Z_in, gamma, d, xs_in, "xs", 2);
-  const int64_t L = d.B;
   const std::array<at::Tensor, 5> grads = {grad_coi, grad_kinetic, grad_potential, grad_hamiltonian, grad_rank};
-  const char* names[5] = {"grad_coi", "grad_kinetic", "grad_potential", "grad_hamiltonian", "grad_rank"};
-  for (int i = 0; i < 5; ++i) check_grad_arg(grads[i], names[i], L, xs_in, "xs (one per layer)");
+  const KNormDims d = check_energies_backward_args(grads, xs_in, rho_in, Lt, Z_in, gamma, bias, activation);
+  const int64_t L = d.B;
   // coef[l] = (dLoss/dCOI_gamma(X_{l-1}), dLoss/d||D_l||^2_K) through coi, KE, potential, H and rank.
   const at::Tensor coef = energies_coef(grads, Lt).contiguous();
   const at::Tensor xs = xs_in.contiguous();

@@ -164,7 +164,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_aten(
     c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::cost_of_identity", std::vector<c10::IValue>());
   const KNormDims d = check_coi_args(X, gamma, gamma0, bias, activation);
-  if (gamma.has_value()) check_gamma_values(*gamma);
   const Problem P{Kind::kCoi, X.reshape({d.B, d.N, d.w}), {}, {}, d, 1, bias};
   const Forward f = forward(P, gamma, gamma0);
   return {finish_knorm_values(f.values, f.gamma).select(1, 0).to(X.scalar_type()).reshape(batch_shape(X)),
@@ -175,9 +174,7 @@ at::Tensor cost_of_identity_backward_aten(const at::Tensor& grad, const at::Tens
                                           const at::Tensor& Z, const at::Tensor& gamma, bool bias,
                                           c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::cost_of_identity_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_coi_args(X, gamma, 1.0, bias, activation);
-  check_saved_z(Z, gamma, d, X, "X", 1);
-  check_grad_arg(grad, "grad", d.B, X, "X");
+  const KNormDims d = check_coi_backward_args(grad, X, Z, gamma, bias, activation);
   const Problem P{Kind::kCoi, X.reshape({d.B, d.N, d.w}), {}, {}, d, 1, bias};
   at::Tensor dX = at::empty({d.B, d.N, d.w}, X.options());
   backward(P, grad.detach().to(at::kDouble).reshape({d.B, 1}), Z.reshape({d.B, d.p, d.w}), gamma.reshape(-1),
@@ -190,7 +187,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_aten(const at::Tensor& M,
                                                             double gamma0, bool bias, c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::k_norm2", std::vector<c10::IValue>());
   const KNormDims d = check_knorm_args(M, X, gamma, gamma0, bias, activation);
-  if (gamma.has_value()) check_gamma_values(*gamma);
   const Problem P{Kind::kKNorm, X.reshape({d.B, d.N, d.w}), M.reshape({d.B, d.N, d.m}), {}, d, 1, bias};
   const Forward f = forward(P, gamma, gamma0);
   return {finish_knorm_values(f.values, f.gamma).select(1, 0).to(X.scalar_type()).reshape(batch_shape(X)),
@@ -202,9 +198,7 @@ std::tuple<at::Tensor, at::Tensor> k_norm2_backward_aten(const at::Tensor& grad,
                                                          const at::Tensor& gamma, bool bias,
                                                          c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::k_norm2_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_knorm_args(M, X, gamma, 1.0, bias, activation);
-  check_saved_z(Z, gamma, d, X, "X", 1);
-  check_grad_arg(grad, "grad", d.B, X, "X");
+  const KNormDims d = check_knorm_backward_args(grad, M, X, Z, gamma, bias, activation);
   const Problem P{Kind::kKNorm, X.reshape({d.B, d.N, d.w}), M.reshape({d.B, d.N, d.m}), {}, d, 1, bias};
   at::Tensor dX = at::empty({d.B, d.N, d.w}, X.options()), dM = at::empty({d.B, d.N, d.m}, M.options());
   backward(P, grad.detach().to(at::kDouble).reshape({d.B, 1}), Z.reshape({d.B, d.p, d.m}), gamma.reshape(-1),
@@ -217,7 +211,6 @@ energies_aten(const at::Tensor& xs, const at::Tensor& rho, double Lt,
               const c10::optional<at::Tensor>& gamma, double gamma0, bool bias, c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::energies", std::vector<c10::IValue>());
   const KNormDims d = check_energies_args(xs, rho, Lt, gamma, gamma0, bias, activation);
-  if (gamma.has_value()) check_gamma_values(*gamma);
   const Problem P{Kind::kEnergies, xs, {}, rho.detach().to(at::kDouble), d, 2, bias};
   const Forward f = forward(P, gamma, gamma0);
   const auto e = energies_from_values(f.values, f.gamma, Lt);
@@ -231,11 +224,8 @@ std::tuple<at::Tensor, at::Tensor> energies_backward_aten(
     const at::Tensor& rho, double Lt, const at::Tensor& Z, const at::Tensor& gamma, bool bias,
     c10::string_view activation) {
   RECORD_FUNCTION("leakycuda::generic::energies_backward", std::vector<c10::IValue>());
-  const KNormDims d = check_energies_args(xs, rho, Lt, gamma, 1.0, bias, activation);
-  check_saved_z(Z, gamma, d, xs, "xs", 2);
   const std::array<at::Tensor, 5> grads = {grad_coi, grad_kinetic, grad_potential, grad_hamiltonian, grad_rank};
-  const char* names[5] = {"grad_coi", "grad_kinetic", "grad_potential", "grad_hamiltonian", "grad_rank"};
-  for (int i = 0; i < 5; ++i) check_grad_arg(grads[i], names[i], d.B, xs, "xs (one per layer)");
+  const KNormDims d = check_energies_backward_args(grads, xs, rho, Lt, Z, gamma, bias, activation);
   const Problem P{Kind::kEnergies, xs, {}, rho.detach().to(at::kDouble), d, 2, bias};
   at::Tensor dxs = at::zeros_like(xs, at::MemoryFormat::Contiguous);
   at::Tensor drho = at::empty({d.B}, xs.options().dtype(at::kDouble));

@@ -1,6 +1,6 @@
 // Device-generic parts of the COI / K-norm / energies ops, shared by the CPU kernels, the
-// device-generic implementation and the CUDA launcher: argument checks, the gamma policy, small SPD
-// solves, the output conventions (gamma = 0, Lt = 0) and the exact COI. ATen calls only.
+// device-generic implementation and the CUDA launcher: the gamma policy, small SPD solves, the output
+// conventions (gamma = 0, Lt = 0) and the exact COI. ATen calls only.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -11,7 +11,6 @@
 #include <cstring>
 #include <limits>
 
-#include "../checks.h"
 #include "../energies.h"
 
 namespace leakycuda {
@@ -21,147 +20,12 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-int64_t batch_numel(c10::IntArrayRef batch) {
-  int64_t B = 1;
-  for (int64_t s : batch) B *= s;
-  return B;
-}
-
-void check_energy_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-                   " must be a float32 or float64 tensor, got ", t.scalar_type());
-}
-
-void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (",
-                    ref.device(), "), got ", t.device());
-}
-
-void check_gamma_arg(const c10::optional<at::Tensor>& gamma, double gamma0, c10::IntArrayRef batch,
-                     const at::Tensor& ref, const char* ref_name, const char* per) {
-  if (gamma.has_value()) {
-    const at::Tensor& g = *gamma;
-    TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), "gamma must be a floating tensor (one ridge ", per,
-                     "), got ", g.scalar_type());
-    check_same_device(g, "gamma", ref, ref_name);
-    TORCH_CHECK_VALUE(g.numel() == 1 || g.sizes() == batch, "gamma must be one value or one ", per, ", of shape ",
-                      shape_str(batch), ", got shape ", shape_str(g.sizes()));
-  } else {
-    TORCH_CHECK_VALUE(std::isfinite(gamma0) && gamma0 > 0.0,
-                      "gamma0 must be finite and > 0 when gamma is None (gamma = gamma0 * ||sigma(X)||_op^2), got ",
-                      gamma0, " (the exact COI, gamma = 0, is the op cost_of_identity_exact)");
-  }
-}
-
-KNormDims dims_of(const at::Tensor& X, const char* name, bool bias, c10::string_view activation) {
-  TORCH_CHECK_VALUE(X.dim() >= 2, name,
-                    " must be [..., N, w] (samples x width, with optional leading batch dims), got shape ",
-                    shape_str(X.sizes()));
-  const int64_t N = X.size(-2), w = X.size(-1);
-  TORCH_CHECK_VALUE(w >= 1, name, " must be [..., N, w] with width w >= 1, got shape ", shape_str(X.sizes()));
-  return {batch_numel(X.sizes().slice(0, X.dim() - 2)), N, w, w + (bias ? 1 : 0), w, energy_relu(activation)};
-}
-
 // sign(t) * inf where t != 0, t itself where t is 0 or NaN: the limit of t / gamma as gamma -> 0+.
 at::Tensor signed_inf(const at::Tensor& t) {
   return at::where(t.gt(0.0), at::full_like(t, kInf), at::where(t.lt(0.0), at::full_like(t, -kInf), t));
 }
 
 }  // namespace
-
-bool energy_relu(c10::string_view activation) {
-  if (activation == "relu") return true;
-  TORCH_CHECK_VALUE(activation == "linear", "activation must be \"relu\" or \"linear\", got \"",
-                    std::string(activation), "\"");
-  return false;
-}
-
-KNormDims check_coi_args(const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0,
-                         bool bias, c10::string_view activation) {
-  check_energy_dtype(X, "X");
-  const KNormDims d = dims_of(X, "X", bias, activation);
-  check_gamma_arg(gamma, gamma0, X.sizes().slice(0, X.dim() - 2), X, "X", "per batch entry of X");
-  return d;
-}
-
-KNormDims check_knorm_args(const at::Tensor& M, const at::Tensor& X,
-                           const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
-                           c10::string_view activation) {
-  check_energy_dtype(X, "X");
-  TORCH_CHECK_TYPE(M.scalar_type() == X.scalar_type(), "M must have the dtype of X (", X.scalar_type(), "), got ",
-                   M.scalar_type());
-  check_same_device(M, "M", X, "X");
-  KNormDims d = dims_of(X, "X", bias, activation);
-  TORCH_CHECK_VALUE(M.dim() == X.dim() && M.sizes().slice(0, M.dim() - 1) == X.sizes().slice(0, X.dim() - 1),
-                    "M must be [..., N, m] with the leading dims and N of X ", shape_str(X.sizes()),
-                    " (the K-norm is taken in the sample space of X), got ", shape_str(M.sizes()));
-  d.m = M.size(-1);
-  check_gamma_arg(gamma, gamma0, X.sizes().slice(0, X.dim() - 2), X, "X", "per batch entry of X");
-  return d;
-}
-
-KNormDims check_energies_args(const at::Tensor& xs, const at::Tensor& rho, double Lt,
-                              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
-                              c10::string_view activation) {
-  check_energy_dtype(xs, "xs");
-  TORCH_CHECK_VALUE(xs.dim() == 3 && xs.size(0) >= 1 && xs.size(2) >= 1,
-                    "xs must be [L+1, N, w] (every representation X_0..X_L of one batch, L+1 >= 1, w >= 1), got shape ",
-                    shape_str(xs.sizes()));
-  const int64_t L = xs.size(0) - 1, N = xs.size(1), w = xs.size(2);
-  TORCH_CHECK_TYPE(at::isFloatingType(rho.scalar_type()), "rho must be a floating tensor [L], got ",
-                   rho.scalar_type());
-  check_same_device(rho, "rho", xs, "xs");
-  TORCH_CHECK_VALUE(rho.dim() == 1 && rho.size(0) == L, "rho must be [L] = ", shape_str({L}),
-                    ", one step per layer (xs holds L+1 = ", L + 1, " representations), got shape ",
-                    shape_str(rho.sizes()));
-  TORCH_CHECK_VALUE(std::isfinite(Lt), "Lt must be finite, got ", Lt);
-  if (L > 0) {
-    const at::Tensor r = rho.detach().to(at::kCPU, at::kDouble).contiguous();
-    const double* p = r.data_ptr<double>();
-    for (int64_t l = 0; l < L; ++l) {
-      TORCH_CHECK_VALUE(std::isfinite(p[l]) && p[l] > 0.0,
-                        "rho must hold finite steps rho_l > 0 (D_l = (X_l - X_{l-1})/rho_l), got rho[", l,
-                        "] = ", p[l]);
-    }
-  }
-  check_gamma_arg(gamma, gamma0, {L}, xs, "xs", "per layer");
-  return {L, N, w, w + (bias ? 1 : 0), w, energy_relu(activation)};
-}
-
-void check_saved_z(const at::Tensor& Z, const at::Tensor& gamma, const KNormDims& d,
-                   const at::Tensor& ref, const char* ref_name, int64_t blocks) {
-  TORCH_CHECK_TYPE(Z.scalar_type() == at::kDouble && gamma.scalar_type() == at::kDouble,
-                   "Z and gamma must be the float64 tensors the forward returned, got ", Z.scalar_type(), " and ",
-                   gamma.scalar_type());
-  check_same_device(Z, "Z", ref, ref_name);
-  check_same_device(gamma, "gamma", ref, ref_name);
-  TORCH_CHECK_VALUE(Z.dim() >= 2 && Z.numel() == d.B * d.p * d.m * blocks && Z.size(-2) == d.p &&
-                        Z.size(-1) == d.m * blocks,
-                    "Z must be the forward's [..., p, m] = [..., ", d.p, ", ", d.m * blocks, "] solve, got ",
-                    shape_str(Z.sizes()));
-  TORCH_CHECK_VALUE(gamma.numel() == d.B, "gamma must be the forward's gamma_used with ", d.B,
-                    " entries, got shape ", shape_str(gamma.sizes()));
-}
-
-void check_grad_arg(const at::Tensor& grad, const char* name, int64_t B, const at::Tensor& ref,
-                    const char* ref_name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()), name, " must be a floating tensor, got ",
-                   grad.scalar_type());
-  check_same_device(grad, name, ref, ref_name);
-  TORCH_CHECK_VALUE(grad.numel() == B, name, " must hold one value per batch entry of ", ref_name, " (", B,
-                    "), got shape ", shape_str(grad.sizes()));
-}
-
-void check_gamma_values(const at::Tensor& gamma) {
-  const at::Tensor g = gamma.detach().to(at::kCPU, at::kDouble).contiguous().reshape(-1);
-  const double* p = g.data_ptr<double>();
-  for (int64_t i = 0; i < g.numel(); ++i) {
-    TORCH_CHECK_VALUE(std::isfinite(p[i]) && p[i] > 0.0, "gamma must hold finite ridges > 0, got gamma[", i,
-                      "] = ", p[i],
-                      " (a zero ridge is the exact COI: cost_of_identity(X) with gamma=None or the number 0; "
-                      "k_norm2 and energies need gamma > 0)");
-  }
-}
 
 bool cpu_aten_energies() {
   const char* v = std::getenv("LEAKYCUDA_CPU_ATEN_ENERGIES");
@@ -276,16 +140,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_exact(const at::
                                                                       c10::optional<double> rcond,
                                                                       bool bias,
                                                                       c10::string_view activation) {
+  const SymKNormDims sd = check_exact_args_symint(X, rcond, bias, activation);
+  const KNormDims d{sd.B.expect_int(), sd.N.expect_int(), sd.w.expect_int(), sd.p.expect_int(), sd.m.expect_int(),
+                    sd.relu};
   const auto dt = X.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kDouble || dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-                   "X must be a floating tensor (float64, float32, float16 or bfloat16), got ", dt);
-  const KNormDims d = dims_of(X, "X", bias, activation);
   const double eps = dt == at::kDouble ? std::numeric_limits<double>::epsilon()
                      : dt == at::kFloat ? double(std::numeric_limits<float>::epsilon())
                      : dt == at::kHalf ? 9.765625e-4 : 7.8125e-3;
   const double rc = rcond.has_value() ? *rcond : double(std::max(d.N, d.p)) * eps;
-  TORCH_CHECK_VALUE(std::isfinite(rc) && rc >= 0.0,
-                    "rcond must be finite and >= 0 (relative singular-value cutoff), got ", rc);
   const auto batch = X.sizes().slice(0, X.dim() - 2);
   const at::Tensor X64 = X.detach().reshape({d.B, d.N, d.w}).to(at::kDouble);
   const auto opt = X64.options();
