@@ -90,6 +90,9 @@ void check_step_values(const at::Tensor& rho);
 // True when LEAKYCUDA_CPU_ATEN_ENERGIES=1 (read at every call): the CPU ops then run the
 // device-generic implementation, the code CUDA falls back to, so CPU tests cover it.
 bool cpu_aten_energies();
+// True when LEAKYCUDA_CUDA_ATEN_ENERGIES=1 (read at every call): the CUDA ops skip the fused kernels and
+// run the device-generic implementation (benchmarks compare the two on one GPU).
+bool cuda_aten_energies();
 
 // --- device-generic pieces (ATen ops only; generic/energies_common.cpp) ---
 

@@ -15,6 +15,13 @@ The stable value is computed as the ridge objective ``||M - S Z||^2/gamma + ||Z|
 ``Z = (S^T S + gamma I)^{-1} S^T M`` (the ``(w+1) x (w+1)`` Gram form, or the N-space form when
 N < w+1): it has no cancellation however small gamma is, and errors in Z only enter to second order.
 Gradients hold gamma fixed (for the gamma0 policy too: gamma is computed, then treated as a constant).
+NaN and inf propagate as in leakycuda/reference.py.
+
+Implementations (the same results to float64 rounding): the CPU kernel; the device-generic one (batched
+float64 ATen calls; what CUDA falls back to, and what the CPU ops run under LEAKYCUDA_CPU_ATEN_ENERGIES=1);
+on CUDA, fused kernels (float64 tensor cores: one Gram pass over every layer, one small-solve launch,
+one gradient pass; the value from the float64 Grams, with a cancellation check that hands ill-conditioned
+calls, e.g. gamma0 below ~1e-6, to the residual form above). LEAKYCUDA_CUDA_ATEN_ENERGIES=1 skips them.
 """
 import math
 import numbers
@@ -22,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _energy_ops  # noqa: F401  (fake and autograd registrations)
+from . import _energy_ops  # noqa: F401  (autograd registrations)
 from ._ops import ops
 
 #: gamma0 of the layer-relative ridge used when energies() gets neither gamma nor gamma0.

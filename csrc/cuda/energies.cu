@@ -168,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> cost_of_identity_cuda(const Tensor& X, const 
                                                          double gamma0, bool bias, c10::string_view activation) {
   const KNormDims d = check_coi_args(X, gamma, gamma0, bias, activation);
   c10::cuda::CUDAGuard device_guard(X.device());
-  if (forward_fits(d)) {
+  if (!cuda_aten_energies() && forward_fits(d)) {
     RECORD_FUNCTION("leakycuda::fused::cost_of_identity", std::vector<c10::IValue>());
     const Tensor Xc = X.contiguous();
     Forward f;
@@ -186,7 +186,7 @@ std::tuple<Tensor, Tensor, Tensor> cost_of_identity_cuda(const Tensor& X, const 
 Tensor cost_of_identity_backward_cuda(const Tensor& grad, const Tensor& X, const Tensor& Z, const Tensor& gamma,
                                       bool bias, c10::string_view activation) {
   const KNormDims d = check_coi_backward_args(grad, X, Z, gamma, bias, activation);
-  if (!backward_fits(d)) return cost_of_identity_backward_aten(grad, X, Z, gamma, bias, activation);
+  if (cuda_aten_energies() || !backward_fits(d)) return cost_of_identity_backward_aten(grad, X, Z, gamma, bias, activation);
   RECORD_FUNCTION("leakycuda::fused::cost_of_identity_backward", std::vector<c10::IValue>());
   c10::cuda::CUDAGuard device_guard(X.device());
   const Tensor Xc = X.contiguous(), Zc = Z.contiguous(), g = gamma.contiguous();
@@ -203,7 +203,7 @@ std::tuple<Tensor, Tensor, Tensor> k_norm2_cuda(const Tensor& M, const Tensor& X
                                                 double gamma0, bool bias, c10::string_view activation) {
   const KNormDims d = check_knorm_args(M, X, gamma, gamma0, bias, activation);
   c10::cuda::CUDAGuard device_guard(X.device());
-  if (forward_fits(d)) {
+  if (!cuda_aten_energies() && forward_fits(d)) {
     RECORD_FUNCTION("leakycuda::fused::k_norm2", std::vector<c10::IValue>());
     const Tensor Xc = X.contiguous(), Mc = M.contiguous();
     Forward f;
@@ -221,7 +221,7 @@ std::tuple<Tensor, Tensor, Tensor> k_norm2_cuda(const Tensor& M, const Tensor& X
 std::tuple<Tensor, Tensor> k_norm2_backward_cuda(const Tensor& grad, const Tensor& M, const Tensor& X, const Tensor& Z,
                                                  const Tensor& gamma, bool bias, c10::string_view activation) {
   const KNormDims d = check_knorm_backward_args(grad, M, X, Z, gamma, bias, activation);
-  if (!backward_fits(d)) return k_norm2_backward_aten(grad, M, X, Z, gamma, bias, activation);
+  if (cuda_aten_energies() || !backward_fits(d)) return k_norm2_backward_aten(grad, M, X, Z, gamma, bias, activation);
   RECORD_FUNCTION("leakycuda::fused::k_norm2_backward", std::vector<c10::IValue>());
   c10::cuda::CUDAGuard device_guard(X.device());
   const Tensor Xc = X.contiguous(), Mc = M.contiguous(), Zc = Z.contiguous(), g = gamma.contiguous();
@@ -239,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> energies_cuda
     c10::string_view activation) {
   const KNormDims d = check_energies_args(xs, rho, Lt, gamma, gamma0, bias, activation);
   c10::cuda::CUDAGuard device_guard(xs.device());
-  if (forward_fits(d)) {
+  if (!cuda_aten_energies() && forward_fits(d)) {
     RECORD_FUNCTION("leakycuda::fused::energies", std::vector<c10::IValue>());
     const Tensor xc = xs.contiguous(), r = rho.detach().to(at::kDouble).contiguous();
     Forward f;
@@ -262,7 +262,7 @@ std::tuple<Tensor, Tensor> energies_backward_cuda(const Tensor& grad_coi, const 
                                                   c10::string_view activation) {
   const std::array<Tensor, 5> grads = {grad_coi, grad_kinetic, grad_potential, grad_hamiltonian, grad_rank};
   const KNormDims d = check_energies_backward_args(grads, xs, rho, Lt, Z, gamma, bias, activation);
-  if (!backward_fits(d)) {
+  if (cuda_aten_energies() || !backward_fits(d)) {
     return energies_backward_aten(grad_coi, grad_kinetic, grad_potential, grad_hamiltonian, grad_rank, xs, rho, Lt,
                                   Z, gamma, bias, activation);
   }

@@ -27,10 +27,18 @@ at::Tensor signed_inf(const at::Tensor& t) {
 
 }  // namespace
 
-bool cpu_aten_energies() {
-  const char* v = std::getenv("LEAKYCUDA_CPU_ATEN_ENERGIES");
+namespace {
+
+bool env_is_1(const char* name) {
+  const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
+
+}  // namespace
+
+bool cpu_aten_energies() { return env_is_1("LEAKYCUDA_CPU_ATEN_ENERGIES"); }
+
+bool cuda_aten_energies() { return env_is_1("LEAKYCUDA_CUDA_ATEN_ENERGIES"); }
 
 at::Tensor sigma_of(const at::Tensor& X, bool bias, bool relu) {
   const at::Tensor S = relu ? at::relu(X) : X;
