@@ -1,4 +1,5 @@
-# Builds leakycuda._C: the C++ CPU ops always, the CUDA kernels when torch itself has CUDA and nvcc matches it.
+# Builds leakycuda._C: the C++ CPU ops and the device-generic (ATen) ops always, the CUDA kernels when torch
+# itself has CUDA and nvcc matches it.
 import glob
 import os
 import re
@@ -53,7 +54,7 @@ def _want_cuda():
 WITH_CUDA, WHY = _want_cuda()
 print("leakycuda: building %s kernels (%s)" % ("CPU and CUDA" if WITH_CUDA else "CPU", WHY))
 
-sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/generic/*.cpp"))
 cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
 if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))

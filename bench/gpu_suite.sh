@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU-machine run: build for sm_90, CUDA tests, compute-sanitizer on a small case, the CUDA benchmark; logs into $OUT.
+# One GPU-machine run: build for sm_90, CUDA tests, compute-sanitizer on a small case, the CUDA benchmarks; logs into $OUT.
 set -u
 OUT=${OUT:-/tmp/leakycuda_gpu_out}
 mkdir -p "$OUT"
@@ -33,3 +33,7 @@ tail -20 "$OUT/sanitize.log"
 echo "== benchmark"
 python bench/bench_stack_cuda.py --out "$OUT/bench_stack_cuda.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; tail -20 "$OUT/bench.log"
+
+echo "== energies benchmark"
+python bench/bench_energies.py --device cuda --out "$OUT/bench_energies_cuda.json" > "$OUT/bench_energies.log" 2>&1
+echo "bench_energies rc=$?"; tail -12 "$OUT/bench_energies.log"

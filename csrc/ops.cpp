@@ -298,28 +298,33 @@ TORCH_LIBRARY(leakycuda, m) {
   m.def("leaky_layer_backward(Tensor grad, Tensor x, Tensor W, Tensor rho, float Lt,"
         " str activation=\"relu\") -> (Tensor, Tensor, Tensor)");
 
-  // --- Cost of Identity, K-norms and energies (csrc/energies.h); S = sigma(X) has p = w+1 columns
-  // (bias) or p = w (bias=False); gamma is [...] or one value > 0, or None for gamma0 * ||S||_op^2.
+  // --- Cost of Identity, K-norms and energies (csrc/energies.h); S = sigma(X) = [act(X), 1] has
+  // p = w+1 columns (bias) or p = w (bias=False), act = relu ("relu") or the identity ("linear");
+  // gamma is [...] or one value > 0, or None for gamma0 * ||S||_op^2.
   // COI_gamma of X [..., N, w] -> (coi [...], gamma_used [...] f64, Z [..., p, w] f64).
-  m.def("cost_of_identity(Tensor X, Tensor? gamma, float gamma0, bool bias) -> (Tensor, Tensor, Tensor)");
+  m.def("cost_of_identity(Tensor X, Tensor? gamma, float gamma0, bool bias, str activation=\"relu\")"
+        " -> (Tensor, Tensor, Tensor)");
   // grad [...] of coi; Z, gamma: the forward's. Returns dX [..., N, w] (gamma held fixed).
-  m.def("cost_of_identity_backward(Tensor grad, Tensor X, Tensor Z, Tensor gamma, bool bias) -> Tensor");
+  m.def("cost_of_identity_backward(Tensor grad, Tensor X, Tensor Z, Tensor gamma, bool bias,"
+        " str activation=\"relu\") -> Tensor");
   // Exact COI ||S^+ X||_F^2 (cutoff rcond * sigma_max; None: max(N, p) * eps) -> (coi, residual
   // ||S S^+ X - X||_F, rank of S int64), each [...]; not differentiable.
-  m.def("cost_of_identity_exact(Tensor X, float? rcond, bool bias) -> (Tensor, Tensor, Tensor)");
+  m.def("cost_of_identity_exact(Tensor X, float? rcond, bool bias, str activation=\"relu\")"
+        " -> (Tensor, Tensor, Tensor)");
   // ||M||^2_{K(X),gamma} for M [..., N, m] -> (value [...], gamma_used [...] f64, Z [..., p, m] f64).
-  m.def("k_norm2(Tensor M, Tensor X, Tensor? gamma, float gamma0, bool bias) -> (Tensor, Tensor, Tensor)");
+  m.def("k_norm2(Tensor M, Tensor X, Tensor? gamma, float gamma0, bool bias, str activation=\"relu\")"
+        " -> (Tensor, Tensor, Tensor)");
   // Returns (dM, dX) (gamma held fixed).
-  m.def("k_norm2_backward(Tensor grad, Tensor M, Tensor X, Tensor Z, Tensor gamma, bool bias)"
-        " -> (Tensor, Tensor)");
+  m.def("k_norm2_backward(Tensor grad, Tensor M, Tensor X, Tensor Z, Tensor gamma, bool bias,"
+        " str activation=\"relu\") -> (Tensor, Tensor)");
   // xs [L+1, N, w], rho [L]; per layer l (metric from X_{l-1}) -> (coi, kinetic, potential,
   // hamiltonian, rank_estimate [L], gamma_used [L] f64, Z [L, p, 2w] f64 kept for backward).
-  m.def("energies(Tensor xs, Tensor rho, float Lt, Tensor? gamma, float gamma0, bool bias)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("energies(Tensor xs, Tensor rho, float Lt, Tensor? gamma, float gamma0, bool bias,"
+        " str activation=\"relu\") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients of the five [L] outputs -> (dxs [L+1, N, w], drho [L]) (gamma held fixed).
   m.def("energies_backward(Tensor grad_coi, Tensor grad_kinetic, Tensor grad_potential,"
         " Tensor grad_hamiltonian, Tensor grad_rank, Tensor xs, Tensor rho, float Lt, Tensor Z,"
-        " Tensor gamma, bool bias) -> (Tensor, Tensor)");
+        " Tensor gamma, bool bias, str activation=\"relu\") -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(leakycuda, CompositeExplicitAutograd, m) {

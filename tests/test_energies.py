@@ -13,6 +13,43 @@ E = importlib.import_module("leakycuda.energies")
 
 CUDA = torch.cuda.is_available()
 
+# Set to 1, the CPU ops run the device-generic implementation (the code CUDA falls back to).
+GENERIC_ENV = "LEAKYCUDA_CPU_ATEN_ENERGIES"
+
+
+def _paths_run(fn):
+    """The (path, op) pairs the kernels record while fn() runs: RECORD_FUNCTION "leakycuda::<path>::<op>",
+    path "cpu" (CPU kernels), "generic" (device-generic implementation) or "fused" (fused CUDA kernels)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    out = set()
+    for e in prof.events():
+        parts = e.name.split("::")
+        if len(parts) == 3 and parts[0] == "leakycuda" and parts[1] in ("cpu", "generic", "fused"):
+            out.add((parts[1], parts[2]))
+    return out
+
+
+def _probe():
+    X = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.grad(E.cost_of_identity(X, 0.5).sum(), X)
+
+
+@pytest.fixture(autouse=True, params=["kernel", "generic"])
+def energy_impl(request, monkeypatch):
+    """Every CPU test runs twice: on the CPU kernels, then on the device-generic implementation
+    (LEAKYCUDA_CPU_ATEN_ENERGIES=1, read at every call). Before each test a probe proves, through the
+    profiler, that the ops run the intended implementation in the test's environment."""
+    if request.param == "generic":
+        if request.node.get_closest_marker("cuda") is not None:
+            pytest.skip("CUDA tests choose their own path")
+        monkeypatch.setenv(GENERIC_ENV, "1")
+    else:
+        monkeypatch.delenv(GENERIC_ENV, raising=False)
+    path = "generic" if request.param == "generic" else "cpu"
+    assert _paths_run(_probe) == {(path, "cost_of_identity"), (path, "cost_of_identity_backward")}
+    return request.param
+
 
 def _has_cuda_kernel(op):
     return CUDA and torch._C._dispatch_has_kernel_for_dispatch_key("leakycuda::" + op, "CUDA")
@@ -21,15 +58,18 @@ def _has_cuda_kernel(op):
 # --- independent float64 computations (no Gram form, no ridge objective) ----------------------
 
 
-def _sigma64(X, bias):
+ACTS = ["relu", "linear"]
+
+
+def _sigma64(X, bias, act="relu"):
     X = X.double()
-    R_ = torch.relu(X)
+    R_ = torch.relu(X) if act == "relu" else X
     return torch.cat([R_, torch.ones_like(X[..., :1])], -1) if bias else R_
 
 
-def nspace_knorm2(M, X, gamma, bias=True):
+def nspace_knorm2(M, X, gamma, bias=True, act="relu"):
     """Tr[M^T (K + gamma I_N)^{-1} M] by a direct N x N solve per entry; gamma broadcast to the batch."""
-    S = _sigma64(X, bias)
+    S = _sigma64(X, bias, act)
     M = M.double()
     batch, N = S.shape[:-2], S.shape[-2]
     g = torch.broadcast_to(torch.as_tensor(gamma, dtype=torch.float64), batch).reshape(-1)
@@ -41,14 +81,14 @@ def nspace_knorm2(M, X, gamma, bias=True):
     return torch.stack(out).reshape(batch) if out else torch.zeros(batch, dtype=torch.float64)
 
 
-def op_norm2(X, bias=True):
-    S = _sigma64(X, bias)
+def op_norm2(X, bias=True, act="relu"):
+    S = _sigma64(X, bias, act)
     return torch.linalg.matrix_norm(S, ord=2).square()
 
 
-def pinv_exact(X, bias=True, rcond=None):
+def pinv_exact(X, bias=True, rcond=None, act="relu"):
     """(||S^+ X||^2, ||S S^+ X - X||) through torch.linalg.pinv."""
-    S, X = _sigma64(X, bias), X.double()
+    S, X = _sigma64(X, bias, act), X.double()
     if rcond is None:
         rcond = max(S.shape[-2], S.shape[-1]) * torch.finfo(torch.float64).eps
     P = torch.linalg.pinv(S, rtol=rcond)
@@ -84,25 +124,48 @@ def test_coi_fixed_gamma_matches_nspace(dtype, batch, N, w, bias):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("N,w", [(3, 8), (60, 8)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_coi_gamma0_policy(dtype, N, w, bias):
+@pytest.mark.parametrize("act", ACTS)
+def test_coi_gamma0_policy(dtype, N, w, bias, act):
     torch.manual_seed(7)
     X = torch.randn(4, N, w, dtype=dtype)
-    coi, gam = E.cost_of_identity(X, gamma0=1e-2, bias=bias, return_gamma=True)
-    g_ind = 1e-2 * op_norm2(X, bias)
+    coi, gam = E.cost_of_identity(X, gamma0=1e-2, bias=bias, activation=act, return_gamma=True)
+    g_ind = 1e-2 * op_norm2(X, bias, act)
     assert rel_err(gam, g_ind) < 1e-12
-    assert rel_err(coi, nspace_knorm2(X, X, g_ind, bias)) < (1e-10 if dtype == torch.float64 else 1e-5)
+    assert rel_err(coi, nspace_knorm2(X, X, g_ind, bias, act)) < (1e-10 if dtype == torch.float64 else 1e-5)
+    ref = R.cost_of_identity(X.double(), gamma0=1e-2, bias=bias, activation=act)
+    assert rel_err(ref, nspace_knorm2(X, X, g_ind, bias, act)) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N,w", [(1, 4), (5, 8), (120, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_coi_fixed_gamma_matches_nspace(dtype, N, w, bias):
+    torch.manual_seed(N * 37 + w)
+    X = torch.randn(3, N, w, dtype=dtype)
+    gamma = torch.rand(3, dtype=torch.float64) + 0.05
+    coi = E.cost_of_identity(X, gamma, bias=bias, activation="linear")
+    assert coi.shape == (3,) and coi.dtype == dtype
+    ind = nspace_knorm2(X, X, gamma, bias, "linear")
+    assert rel_err(coi, ind) < (1e-10 if dtype == torch.float64 else 1e-5)
+    assert rel_err(R.cost_of_identity(X.double(), gamma, bias=bias, activation="linear"), ind) < 1e-10
+    # linear without bias: COI_gamma = sum_i s_i^2 / (s_i^2 + gamma), from the SVD of X alone
+    if not bias:
+        s = torch.linalg.svdvals(X.double())
+        closed = (s.square() / (s.square() + gamma[:, None])).sum(-1)
+        assert rel_err(coi, closed) < (1e-10 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("N,m", [(2, 3), (50, 5), (50, 1)])
-def test_k_norm2_matches_nspace(N, m):
+@pytest.mark.parametrize("act", ACTS)
+def test_k_norm2_matches_nspace(N, m, act):
     torch.manual_seed(N + m)
     X, M = torch.randn(3, N, 6, dtype=torch.float64), torch.randn(3, N, m, dtype=torch.float64)
-    val = E.k_norm2(M, X, 0.5)
+    val = E.k_norm2(M, X, 0.5, activation=act)
     assert val.shape == (3,)
-    assert rel_err(val, nspace_knorm2(M, X, 0.5)) < 1e-10
-    assert rel_err(R.k_norm2(M, X, 0.5), nspace_knorm2(M, X, 0.5)) < 1e-10
-    val0, g = E.k_norm2(M, X, gamma0=0.1, return_gamma=True)
-    assert rel_err(val0, nspace_knorm2(M, X, g)) < 1e-10
+    assert rel_err(val, nspace_knorm2(M, X, 0.5, act=act)) < 1e-10
+    assert rel_err(R.k_norm2(M, X, 0.5, activation=act), nspace_knorm2(M, X, 0.5, act=act)) < 1e-10
+    val0, g = E.k_norm2(M, X, gamma0=0.1, activation=act, return_gamma=True)
+    assert rel_err(val0, nspace_knorm2(M, X, g, act=act)) < 1e-10
 
 
 def test_noncontiguous_input_and_determinism():
@@ -120,28 +183,31 @@ def test_noncontiguous_input_and_determinism():
 @pytest.mark.parametrize("N,w", [(4, 6), (30, 5)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("policy", ["fixed", "gamma0"])
-def test_coi_grad_matches_autograd_of_nspace(N, w, bias, policy):
+@pytest.mark.parametrize("act", ACTS)
+def test_coi_grad_matches_autograd_of_nspace(N, w, bias, policy, act):
     torch.manual_seed(N * w)
     X = torch.randn(3, N, w, dtype=torch.float64, requires_grad=True)
     if policy == "fixed":
-        coi = E.cost_of_identity(X, 0.4, bias=bias)
+        coi = E.cost_of_identity(X, 0.4, bias=bias, activation=act)
         gamma = 0.4
     else:
-        coi, gamma = E.cost_of_identity(X, gamma0=0.05, bias=bias, return_gamma=True)
+        coi, gamma = E.cost_of_identity(X, gamma0=0.05, bias=bias, activation=act, return_gamma=True)
     wts = torch.randn(3, dtype=torch.float64)
     (g,) = torch.autograd.grad((coi * wts).sum(), X)
     X2 = X.detach().clone().requires_grad_()
-    (g2,) = torch.autograd.grad((nspace_knorm2(X2, X2, gamma.detach() if policy == "gamma0" else gamma, bias) * wts).sum(), X2)
+    gam = gamma.detach() if policy == "gamma0" else gamma
+    (g2,) = torch.autograd.grad((nspace_knorm2(X2, X2, gam, bias, act) * wts).sum(), X2)
     torch.testing.assert_close(g, g2, rtol=1e-8, atol=1e-10)
 
 
-def test_k_norm2_grad_matches_autograd_of_nspace():
+@pytest.mark.parametrize("act", ACTS)
+def test_k_norm2_grad_matches_autograd_of_nspace(act):
     torch.manual_seed(3)
     X = torch.randn(2, 25, 4, dtype=torch.float64, requires_grad=True)
     M = torch.randn(2, 25, 3, dtype=torch.float64, requires_grad=True)
-    gM, gX = torch.autograd.grad(E.k_norm2(M, X, 0.7).sum(), (M, X))
+    gM, gX = torch.autograd.grad(E.k_norm2(M, X, 0.7, activation=act).sum(), (M, X))
     X2, M2 = X.detach().clone().requires_grad_(), M.detach().clone().requires_grad_()
-    hM, hX = torch.autograd.grad(nspace_knorm2(M2, X2, 0.7).sum(), (M2, X2))
+    hM, hX = torch.autograd.grad(nspace_knorm2(M2, X2, 0.7, act=act).sum(), (M2, X2))
     torch.testing.assert_close(gM, hM, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(gX, hX, rtol=1e-8, atol=1e-10)
 
@@ -158,23 +224,25 @@ def test_float32_grad_close_to_float64():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck(bias):
+@pytest.mark.parametrize("act", ACTS)
+def test_gradcheck(bias, act):
     torch.manual_seed(5)
     for N in (3, 9):  # N-space and Gram paths (w+1 = 5)
         X = (torch.randn(2, N, 4, dtype=torch.float64) + 0.3).requires_grad_()
-        assert torch.autograd.gradcheck(lambda x: E.cost_of_identity(x, 0.5, bias=bias), (X,))
+        assert torch.autograd.gradcheck(lambda x: E.cost_of_identity(x, 0.5, bias=bias, activation=act), (X,))
         M = torch.randn(2, N, 3, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda m, x: E.k_norm2(m, x, 0.5, bias=bias), (M, X))
+        assert torch.autograd.gradcheck(lambda m, x: E.k_norm2(m, x, 0.5, bias=bias, activation=act), (M, X))
 
 
-def test_energies_gradcheck():
+@pytest.mark.parametrize("act", ACTS)
+def test_energies_gradcheck(act):
     torch.manual_seed(6)
     xs = (torch.randn(4, 9, 3, dtype=torch.float64) + 0.2).requires_grad_()
     rho = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64, requires_grad=True)
     gamma = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)
 
     def f(xs, rho):
-        e = E.energies(xs, rho, 1.7, gamma=gamma)
+        e = E.energies(xs, rho, 1.7, gamma=gamma, activation=act)
         return e.coi, e.kinetic, e.potential, e.hamiltonian, e.rank_estimate
 
     assert torch.autograd.gradcheck(f, (xs, rho))
@@ -195,15 +263,16 @@ def test_energies_grad_lt0():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("N", [3, 40])
-def test_energies_match_independent(dtype, N):
+@pytest.mark.parametrize("act", ACTS)
+def test_energies_match_independent(dtype, N, act):
     torch.manual_seed(N)
     L, w, Lt = 5, 6, 2.5
     xs = torch.randn(L + 1, N, w, dtype=dtype)
     rho = torch.rand(L, dtype=dtype) + 0.1
-    e = E.energies(xs, rho, Lt, gamma0=1e-2)
+    e = E.energies(xs, rho, Lt, gamma0=1e-2, activation=act)
     X, D = xs[:-1].double(), (xs[1:].double() - xs[:-1].double()) / rho.double()[:, None, None]
-    g = 1e-2 * op_norm2(X)
-    coi, v = nspace_knorm2(X, X, g), nspace_knorm2(D, X, g)
+    g = 1e-2 * op_norm2(X, act=act)
+    coi, v = nspace_knorm2(X, X, g, act=act), nspace_knorm2(D, X, g, act=act)
     tol = 1e-9 if dtype == torch.float64 else 1e-5
     assert rel_err(e.gamma, g) < 1e-12
     assert rel_err(e.coi, coi) < tol
@@ -212,7 +281,7 @@ def test_energies_match_independent(dtype, N):
     H = v / (2 * Lt) - Lt / 2 * coi
     assert ((e.hamiltonian.double() - H).abs() <= tol * (v / (2 * Lt) + Lt / 2 * coi)).all()
     assert ((e.rank_estimate.double() + 2 * H / Lt).abs() <= tol * (v / Lt**2 + coi)).all()
-    ref = R.energies(xs.double(), rho.double(), Lt, gamma0=1e-2)
+    ref = R.energies(xs.double(), rho.double(), Lt, gamma0=1e-2, activation=act)
     assert rel_err(ref[0], coi) < 1e-10 and rel_err(ref[1], v / (2 * Lt)) < 1e-10
 
 
@@ -244,16 +313,21 @@ def test_energies_lt0_and_default_gamma():
 
 @pytest.mark.parametrize("N,w", [(1, 3), (6, 10), (50, 8)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_exact_matches_pinv(N, w, bias):
+@pytest.mark.parametrize("act", ACTS)
+def test_exact_matches_pinv(N, w, bias, act):
     torch.manual_seed(N + w)
     X = torch.randn(3, N, w, dtype=torch.float64)
-    ex = E.cost_of_identity(X, bias=bias)
-    v, r = pinv_exact(X, bias)
+    ex = E.cost_of_identity(X, bias=bias, activation=act)
+    v, r = pinv_exact(X, bias, act=act)
     assert rel_err(ex.value, v) < 1e-9
     torch.testing.assert_close(ex.residual, r, rtol=1e-8, atol=1e-10 * X.norm().item())
-    rv, rr = R.cost_of_identity_exact(X, bias=bias)
+    rv, rr = R.cost_of_identity_exact(X, bias=bias, activation=act)
     assert rel_err(rv, v) < 1e-9
-    assert torch.equal(E.cost_of_identity(X, 0, bias=bias).value, ex.value)
+    assert torch.equal(E.cost_of_identity(X, 0, bias=bias, activation=act).value, ex.value)
+    if act == "linear":  # X is in the range of [X, 1]: a finite COI, equal to rank X without bias
+        assert (ex.residual < 1e-10 * X.norm()).all()
+        if not bias:
+            assert torch.equal(ex.rank, torch.linalg.matrix_rank(X)) and (ex.value - ex.rank).abs().max() < 1e-9
 
 
 def test_exact_rank_deficient_and_duplicates():
@@ -425,64 +499,117 @@ def test_tiny_gamma_is_stable():
 # --- bad input --------------------------------------------------------------------------------------
 
 
-def test_bad_inputs():
-    X = torch.randn(4, 10, 3)
-    with pytest.raises(RuntimeError, match=r"X must be \[\.\.\., N, w\]"):
-        E.cost_of_identity(torch.randn(5), 0.1)
-    with pytest.raises(TypeError, match="floating"):
-        E.cost_of_identity(torch.ones(4, 3, dtype=torch.int64), 0.1)
-    with pytest.raises(ValueError, match="gamma must be finite and > 0"):
-        E.cost_of_identity(X, -1.0)
-    with pytest.raises(RuntimeError, match="gamma must be finite and > 0"):
-        E.cost_of_identity(X, torch.tensor([0.1, 0.0, 0.1, 0.1]))
-    with pytest.raises(ValueError, match="broadcast"):
-        E.cost_of_identity(X, torch.ones(3))
-    with pytest.raises(ValueError, match="not both"):
-        E.cost_of_identity(X, 0.1, gamma0=0.1)
-    with pytest.raises(ValueError, match="gamma0"):
-        E.cost_of_identity(X, gamma0=-1)
-    with pytest.raises(RuntimeError, match="M must be"):
-        E.k_norm2(torch.randn(4, 9, 3), X, 0.1)
-    with pytest.raises(TypeError, match="M must have the same dtype"):
-        E.k_norm2(X.double(), X, 0.1)
-    xs, rho = torch.randn(4, 10, 3), torch.ones(3) / 3
-    with pytest.raises(ValueError, match=r"rho must be \[L\]"):
-        E.energies(xs, torch.ones(4), 1.0)
-    with pytest.raises(RuntimeError, match="rho_l > 0"):
-        E.energies(xs, torch.tensor([0.5, 0.0, 0.5]), 1.0)
-    with pytest.raises(ValueError, match=r"xs must be \[L\+1, N, w\]"):
-        E.energies(torch.randn(10, 3), rho, 1.0)
-    with pytest.raises(ValueError, match="Lt must be finite"):
-        E.energies(xs, rho, math.inf)
-    with pytest.raises(RuntimeError, match="gamma0 must be finite and > 0"):
-        ops.cost_of_identity(X, None, 0.0, True)
+_X = torch.randn(4, 10, 3)
+_XS, _RHO = torch.randn(4, 10, 3), torch.ones(3) / 3
+BAD_INPUTS = [
+    (lambda: E.cost_of_identity(torch.randn(5), 0.1), ValueError, r"X must be \[\.\.\., N, w\]"),
+    (lambda: E.cost_of_identity(torch.ones(4, 3, dtype=torch.int64), 0.1), TypeError, "X must be a float32 or float64"),
+    (lambda: E.cost_of_identity(_X, -1.0), ValueError, "gamma must be finite and > 0"),
+    (lambda: E.cost_of_identity(_X, torch.tensor([0.1, 0.0, 0.1, 0.1])), ValueError, r"gamma\[1\] = 0"),
+    (lambda: E.cost_of_identity(_X, torch.ones(3)), ValueError, "broadcast"),
+    (lambda: E.cost_of_identity(_X, 0.1, gamma0=0.1), ValueError, "not both"),
+    (lambda: E.cost_of_identity(_X, gamma0=-1), ValueError, "gamma0"),
+    (lambda: E.k_norm2(torch.randn(4, 9, 3), _X, 0.1), ValueError, "M must be"),
+    (lambda: E.k_norm2(_X.double(), _X, 0.1), TypeError, "M must have the dtype of X"),
+    (lambda: E.energies(_XS, torch.ones(4), 1.0), ValueError, r"rho must be \[L\]"),
+    (lambda: E.energies(_XS, torch.tensor([0.5, 0.0, 0.5]), 1.0), ValueError, "rho_l > 0"),
+    (lambda: E.energies(torch.randn(10, 3), _RHO, 1.0), ValueError, r"xs must be \[L\+1, N, w\]"),
+    (lambda: E.energies(_XS, _RHO, math.inf), ValueError, "Lt must be finite"),
+    (lambda: ops.cost_of_identity(_X, None, 0.0, True), ValueError, "gamma0 must be finite and > 0"),
+    (lambda: ops.cost_of_identity_backward(torch.ones(3), _X, torch.zeros(4, 4, 3, dtype=torch.float64),
+                                           torch.ones(4, dtype=torch.float64), True), ValueError, "grad must hold"),
+    (lambda: ops.cost_of_identity_backward(torch.ones(4), _X, torch.zeros(4, 4, 3), torch.ones(4), True),
+     TypeError, "float64 tensors the forward returned"),
+    (lambda: E.cost_of_identity(_X, 0.1, activation="tanh"), ValueError, 'activation must be "relu" or "linear"'),
+    (lambda: E.cost_of_identity(_X, activation="tanh"), ValueError, 'activation must be "relu" or "linear"'),
+    (lambda: E.energies(_XS, _RHO, 1.0, activation=None), TypeError, "activation must be"),
+    (lambda: ops.k_norm2(_X, _X, None, 0.1, True, "gelu"), ValueError, 'got "gelu"'),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_inputs(case):
+    fn, exc, match = BAD_INPUTS[case]
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+# --- the two CPU implementations ----------------------------------------------------------------------
+
+ALL_OPS = {"cost_of_identity", "cost_of_identity_backward", "k_norm2", "k_norm2_backward", "energies",
+           "energies_backward", "cost_of_identity_exact"}
+
+
+def _every_op():
+    torch.manual_seed(16)
+    X = torch.randn(3, 12, 4, dtype=torch.float64, requires_grad=True)
+    M = torch.randn(3, 12, 2, dtype=torch.float64, requires_grad=True)
+    rho = torch.full((2,), 0.5, dtype=torch.float64, requires_grad=True)
+    E.cost_of_identity(X, 0.5).sum().backward()
+    E.k_norm2(M, X, gamma0=1e-2).sum().backward()
+    torch.stack(E.energies(X, rho, 2.0)[:5]).sum().backward()
+    E.cost_of_identity(X)
+
+
+def test_switch_selects_implementation(energy_impl):
+    """Every op, forward and backward, runs the implementation the environment selects, and only that one."""
+    path = "generic" if energy_impl == "generic" else "cpu"
+    assert _paths_run(_every_op) == {(path, op) for op in ALL_OPS}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N", [5, 300])
+@pytest.mark.parametrize("act", ACTS)
+def test_generic_matches_kernel(monkeypatch, dtype, N, act, energy_impl):
+    """Values, gamma, Z and every gradient of the two implementations agree (both run in float64 inside)."""
+    g = torch.Generator().manual_seed(N)
+    xs = torch.randn(7, N, 6, generator=g, dtype=torch.float64).to(dtype)
+    rho = (torch.rand(6, generator=g, dtype=torch.float64) + 0.1).to(dtype)
+    M = torch.randn(7, N, 3, generator=g, dtype=torch.float64).to(dtype)
+    if energy_impl == "generic":
+        pytest.skip("the test compares both implementations itself")
+    out = {}
+    for impl in ("0", "1"):
+        monkeypatch.setenv(GENERIC_ENV, impl)
+        x, r, m = (t.clone().requires_grad_() for t in (xs, rho, M))
+        e = ops.energies(x, r, 2.5, None, 1e-2, True, act)
+        c = ops.cost_of_identity(x, None, 1e-2, False, act)
+        k = ops.k_norm2(m, x, None, 1e-2, True, act)
+        loss = sum((t * torch.linspace(0.5, 1.5, t.numel(), dtype=dtype)).sum() for t in (*e[:5], c[0], k[0]))
+        out[impl] = (*e, *c, *k, *torch.autograd.grad(loss, (x, r, m)))
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    for a, b in zip(out["0"], out["1"]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol * a.abs().max().item())
 
 
 # --- op registration ----------------------------------------------------------------------------------
 
 
-def test_opcheck_all_ops():
+@pytest.mark.parametrize("act", ACTS)
+def test_opcheck_all_ops(act):
     opcheck = torch.library.opcheck
     torch.manual_seed(14)
     g = torch.tensor(0.5, dtype=torch.float64)
     for N in (3, 12):
         X = torch.randn(2, N, 4, dtype=torch.float64, requires_grad=True)
         M = torch.randn(2, N, 3, dtype=torch.float64, requires_grad=True)
-        opcheck(ops.cost_of_identity, (X, g, 1.0, True))
-        opcheck(ops.cost_of_identity, (X.detach(), None, 1e-2, False))
-        opcheck(ops.k_norm2, (M, X, g, 1.0, True))
-        opcheck(ops.cost_of_identity_exact, (X.detach(), None, True))
-        opcheck(ops.cost_of_identity_exact, (X.detach(), 1e-6, False))
-        _, gam, Z = ops.cost_of_identity(X.detach(), g, 1.0, True)
-        opcheck(ops.cost_of_identity_backward, (torch.ones(2, dtype=torch.float64), X.detach(), Z, gam, True))
-        _, gam, Z = ops.k_norm2(M.detach(), X.detach(), g, 1.0, True)
-        opcheck(ops.k_norm2_backward, (torch.ones(2, dtype=torch.float64), M.detach(), X.detach(), Z, gam, True))
+        opcheck(ops.cost_of_identity, (X, g, 1.0, True, act))
+        opcheck(ops.cost_of_identity, (X.detach(), None, 1e-2, False, act))
+        opcheck(ops.k_norm2, (M, X, g, 1.0, True, act))
+        opcheck(ops.cost_of_identity_exact, (X.detach(), None, True, act))
+        opcheck(ops.cost_of_identity_exact, (X.detach(), 1e-6, False, act))
+        _, gam, Z = ops.cost_of_identity(X.detach(), g, 1.0, True, act)
+        opcheck(ops.cost_of_identity_backward, (torch.ones(2, dtype=torch.float64), X.detach(), Z, gam, True, act))
+        _, gam, Z = ops.k_norm2(M.detach(), X.detach(), g, 1.0, True, act)
+        opcheck(ops.k_norm2_backward, (torch.ones(2, dtype=torch.float64), M.detach(), X.detach(), Z, gam, True, act))
     xs = torch.randn(4, 8, 3, dtype=torch.float64, requires_grad=True)
     rho = torch.full((3,), 0.3, dtype=torch.float64, requires_grad=True)
-    opcheck(ops.energies, (xs, rho, 2.0, None, 1e-2, True))
-    out = ops.energies(xs.detach(), rho.detach(), 2.0, None, 1e-2, True)
+    opcheck(ops.energies, (xs, rho, 2.0, None, 1e-2, True, act))
+    out = ops.energies(xs.detach(), rho.detach(), 2.0, None, 1e-2, True, act)
     ones = torch.ones(3, dtype=torch.float64)
-    opcheck(ops.energies_backward, (ones, ones, ones, ones, ones, xs.detach(), rho.detach(), 2.0, out[6], out[5], True))
+    opcheck(ops.energies_backward,
+            (ones, ones, ones, ones, ones, xs.detach(), rho.detach(), 2.0, out[6], out[5], True, act))
 
 
 def test_compile_fullgraph():

@@ -1,24 +1,23 @@
 // CPU kernels of the stable Cost of Identity, the K-norm and the energies along a trajectory:
-// per batch entry a fused float64 pass builds [S | M], ATen GEMMs form the Grams, one batched small
-// solve gives Z = (S^T S + gamma I)^{-1} S^T M, and a second pass evaluates the ridge objective
+// per batch entry a fused float64 pass builds [S | M], ATen GEMMs form the Grams, one small solve
+// per entry gives Z = (S^T S + gamma I)^{-1} S^T M, and a second pass evaluates the ridge objective
 // ||M - S Z||^2 / gamma + ||Z||^2 (equal to ||M||^2_{K,gamma} at the solution, and only perturbed to
 // second order by errors in Z: no cancellation however small gamma is).
+// Under LEAKYCUDA_CPU_ATEN_ENERGIES=1 every op runs the device-generic implementation instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "../checks.h"
 #include "../energies.h"
 
 namespace leakycuda {
 
 namespace {
-
-constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // Where the columns of one batch entry come from.
 enum class Source {
@@ -40,11 +39,12 @@ struct Problem {
   const double* rho;  // kEnergies: [B]
   int64_t B, N, w, p, m, blocks;
   bool bias;
+  bool relu;  // sigma = [relu(X), 1], else [X, 1]
 
   int64_t mc() const { return m * blocks; }
   int64_t ld() const { return p + mc(); }
 
-  // [S | M] of entry b as float64 into buf [N, ld]: relu(X), the ones column, then the blocks of M.
+  // [S | M] of entry b as float64 into buf [N, ld]: act(X), the ones column, then the blocks of M.
   void fill(int64_t b, double* buf) const {
     const int64_t lda = ld();
     at::parallel_for(0, N, rows_per_chunk(lda), [&](int64_t i0, int64_t i1) {
@@ -54,7 +54,7 @@ struct Problem {
         double* mrow = row + p;
         for (int64_t j = 0; j < w; ++j) {
           const double v = double(x[j]);
-          row[j] = v > 0.0 ? v : 0.0;
+          row[j] = relu && v < 0.0 ? 0.0 : v;  // relu keeps NaN
         }
         if (bias) row[w] = 1.0;
         if (src == Source::kKNorm) {
@@ -108,6 +108,15 @@ void block_sumsq(const double* R, int64_t N, int64_t ldr, int64_t m, int64_t blo
     for (int64_t k = 0; k < blocks; ++k) out[k] += partial[c * blocks + k];
 }
 
+// out[b] = fn(b), a one-entry call of a batched device-generic function, one entry per task (batched
+// LAPACK calls oversubscribe the threads on CPU: 10x slower on 2 cores).
+template <typename F>
+void per_entry(at::Tensor out, const F& fn) {
+  at::parallel_for(0, out.size(0), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) out.narrow(0, b, 1).copy_(fn(b));
+  });
+}
+
 struct ForwardOut {
   at::Tensor values;  // [B, blocks] float64: ||M_k||^2_{K,gamma}, or the raw ||M_k||^2 where gamma = 0
   at::Tensor gamma;   // [B] float64
@@ -140,12 +149,20 @@ ForwardOut knorm_forward(const Problem<scalar_t>& P, const c10::optional<at::Ten
     A = at::bmm(S_all, S_all.transpose(1, 2));
     rhs = SM.narrow(2, p, mc).contiguous();
   }
-  gam = resolve_gamma(gamma, gamma0, A, B);
+  if (gamma.has_value()) {
+    gam = given_gamma(*gamma, B, A.device());
+  } else {
+    gam = at::empty({B}, opt);
+    per_entry(gam, [&](int64_t b) { return gamma_policy(A.narrow(0, b, 1), gamma0); });
+  }
   const at::Tensor dead = gam.eq(0.0);
   const bool any_dead = dead.any().item<bool>();
   A.diagonal(0, 1, 2).add_(gam.unsqueeze(1));
   if (any_dead) A = at::where(dead.view({B, 1, 1}), at::eye(A.size(1), opt).expand_as(A), A);
-  at::Tensor Z = solve_spd(A, rhs, gam);
+  at::Tensor Z = at::empty(rhs.sizes(), opt);
+  per_entry(Z, [&](int64_t b) {
+    return solve_spd(A.narrow(0, b, 1), rhs.narrow(0, b, 1), gam.narrow(0, b, 1));
+  });
   if (N < p) Z = at::bmm(S_all.transpose(1, 2), Z);
   if (any_dead) Z = at::where(dead.view({B, 1, 1}), at::zeros({}, opt), Z);
   Z = Z.contiguous();
@@ -162,16 +179,10 @@ ForwardOut knorm_forward(const Problem<scalar_t>& P, const c10::optional<at::Ten
     std::vector<double> rr(P.blocks), zz(P.blocks, 0.0);
     block_sumsq(R.data_ptr<double>(), N, mc, P.m, P.blocks, rr.data());
     block_sumsq(Zb.data_ptr<double>(), p, mc, P.m, P.blocks, zz.data());
-    for (int64_t k = 0; k < P.blocks; ++k) v[b * P.blocks + k] = g[b] > 0.0 ? rr[k] / g[b] + zz[k] : rr[k];
+    for (int64_t k = 0; k < P.blocks; ++k) v[b * P.blocks + k] = g[b] != 0.0 ? rr[k] / g[b] + zz[k] : rr[k];
   });
   return {values, gam, Z};
 }
-
-// Value of ||M||^2_{K,gamma} where gamma = 0 and S = 0: ||M||^2 / 0.
-inline double dead_value(double sumsq) { return sumsq > 0.0 ? kInf : 0.0; }
-
-// c * inf with c's sign (0 for c = 0): the limit of c / gamma as gamma -> 0.
-inline double signed_inf(double c) { return c > 0.0 ? kInf : (c < 0.0 ? -kInf : 0.0); }
 
 // Outputs of the backward pass of one problem (float pointers into [B, N, *] tensors; null = skip).
 template <typename scalar_t>
@@ -183,17 +194,15 @@ struct BackwardOut {
 };
 
 // Backward of every entry, given coef [B, blocks] = dLoss/dvalue_k. With Q_k = (M_k - S Z_k)/gamma:
-// dM_k = 2 c_k Q_k and the metric term dX = -2 [sum_k c_k Q_k Z_k^T][:, :w] * 1[X > 0].
+// dM_k = 2 c_k Q_k and the metric term dX = -2 [sum_k c_k Q_k Z_k^T][:, :w] * sigma'(X), sigma'(X) as
+// relu's backward has it (0 where X <= 0, else 1: NaN passes), 1 for linear. Entries with gamma = 0 get 0.
 template <typename scalar_t>
 void knorm_backward(const Problem<scalar_t>& P, const double* coef, const at::Tensor& Z,
                     const double* gam, const BackwardOut<scalar_t>& out) {
   const auto opt = at::TensorOptions().dtype(at::kDouble);
   const int64_t N = P.N, w = P.w, p = P.p, m = P.m, mc = P.mc(), ld = P.ld(), nb = P.blocks;
   for_each_entry(P.B, [&](int64_t b) {
-    bool active = gam[b] > 0.0;
-    bool any = false;
-    for (int64_t k = 0; k < nb; ++k) any = any || coef[b * nb + k] != 0.0;
-    active = active && any;
+    const bool active = gam[b] != 0.0;
     at::Tensor buf = at::empty({N, ld}, opt);
     P.fill(b, buf.data_ptr<double>());
     at::Tensor Qc;  // [N, mc]: 2 c_k Q_k
@@ -215,7 +224,8 @@ void knorm_backward(const Problem<scalar_t>& P, const double* coef, const at::Te
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t i = c * rows; i < std::min(N, (c + 1) * rows); ++i) {
-          const double* s = bf + i * ld;  // relu(X) row, then M blocks
+          const double* s = bf + i * ld;  // act(X) row, then M blocks
+          const bool relu = P.relu;
           const int64_t o = (b * N + i);
           if (!active) {
             for (int64_t j = 0; j < w; ++j) out.dX[o * w + j] = scalar_t(0);
@@ -227,10 +237,10 @@ void knorm_backward(const Problem<scalar_t>& P, const double* coef, const at::Te
           const double* pi = pm + i * w;
           switch (P.src) {
             case Source::kCoi:
-              for (int64_t j = 0; j < w; ++j) out.dX[o * w + j] = scalar_t(qi[j] - (s[j] > 0.0 ? pi[j] : 0.0));
+              for (int64_t j = 0; j < w; ++j) out.dX[o * w + j] = scalar_t(qi[j] - (relu && s[j] <= 0.0 ? 0.0 : pi[j]));
               break;
             case Source::kKNorm:
-              for (int64_t j = 0; j < w; ++j) out.dX[o * w + j] = scalar_t(s[j] > 0.0 ? -pi[j] : 0.0);
+              for (int64_t j = 0; j < w; ++j) out.dX[o * w + j] = scalar_t(relu && s[j] <= 0.0 ? 0.0 : -pi[j]);
               for (int64_t j = 0; j < m; ++j) out.dM[o * m + j] = scalar_t(qi[j]);
               break;
             case Source::kEnergies: {
@@ -239,7 +249,7 @@ void knorm_backward(const Problem<scalar_t>& P, const double* coef, const at::Te
               for (int64_t j = 0; j < w; ++j) {
                 const double dd = qi[w + j] / r;
                 dot += qi[w + j] * d[j];
-                out.dX[o * w + j] = scalar_t(qi[j] - dd - (s[j] > 0.0 ? pi[j] : 0.0));
+                out.dX[o * w + j] = scalar_t(qi[j] - dd - (relu && s[j] <= 0.0 ? 0.0 : pi[j]));
                 out.dnext[o * w + j] = scalar_t(dd);
               }
               partial[c] += dot;
@@ -254,48 +264,42 @@ void knorm_backward(const Problem<scalar_t>& P, const double* coef, const at::Te
   });
 }
 
-void check_gamma_if_given(const c10::optional<at::Tensor>& gamma) {
-  if (gamma.has_value()) check_gamma_values(*gamma);
-}
-
-// ||M||^2_{K,gamma} from the forward's values: where gamma = 0 (S = 0) it is ||M||^2 / 0, i.e. 0 or +inf.
-at::Tensor finish_values(const at::Tensor& v, const at::Tensor& gamma) {
-  return at::where(gamma.gt(0.0), v, at::where(v.gt(0.0), at::full_like(v, kInf), at::zeros_like(v)));
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_cpu(
-    const at::Tensor& X_in, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias) {
-  const KNormDims d = check_coi_args(X_in, gamma, gamma0, bias, /*allow_half=*/false);
-  check_gamma_if_given(gamma);
+    const at::Tensor& X_in, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+    c10::string_view activation) {
+  if (cpu_aten_energies()) return cost_of_identity_aten(X_in, gamma, gamma0, bias, activation);
+  RECORD_FUNCTION("leakycuda::cpu::cost_of_identity", std::vector<c10::IValue>());
+  const KNormDims d = check_coi_args(X_in, gamma, gamma0, bias, activation);
   const auto batch = X_in.sizes().slice(0, X_in.dim() - 2);
   std::vector<int64_t> zshape(batch.begin(), batch.end());
   zshape.push_back(d.p), zshape.push_back(d.w);
   const at::Tensor X = X_in.contiguous();
   at::Tensor coi, gam, Z;
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "cost_of_identity_cpu", [&] {
-    Problem<scalar_t> P{Source::kCoi, X.data_ptr<scalar_t>(), nullptr, nullptr, d.B, d.N, d.w, d.p, d.w, 1, bias};
+    Problem<scalar_t> P{Source::kCoi, X.data_ptr<scalar_t>(), nullptr, nullptr, d.B, d.N, d.w, d.p, d.w, 1,
+                        bias, d.relu};
     ForwardOut f = knorm_forward(P, gamma, gamma0);
-    const at::Tensor v = f.values.select(1, 0);
-    coi = finish_values(v, f.gamma);
+    coi = finish_knorm_values(f.values, f.gamma).select(1, 0);
     gam = f.gamma, Z = f.Z;
   });
   return {coi.to(X.scalar_type()).reshape(batch), gam.reshape(batch), Z.reshape(zshape)};
 }
 
 at::Tensor cost_of_identity_backward_cpu(const at::Tensor& grad, const at::Tensor& X_in,
-                                         const at::Tensor& Z_in, const at::Tensor& gamma, bool bias) {
-  const KNormDims d = check_coi_args(X_in, gamma, 1.0, bias, /*allow_half=*/false);
-  check_saved_z(Z_in, gamma, d, X_in, "X", 1);
-  TORCH_CHECK(grad.numel() == d.B, "grad must hold one value per batch entry of X (", d.B, "), got shape ",
-              shape_str(grad.sizes()));
+                                         const at::Tensor& Z_in, const at::Tensor& gamma, bool bias,
+                                         c10::string_view activation) {
+  if (cpu_aten_energies()) return cost_of_identity_backward_aten(grad, X_in, Z_in, gamma, bias, activation);
+  RECORD_FUNCTION("leakycuda::cpu::cost_of_identity_backward", std::vector<c10::IValue>());
+  const KNormDims d = check_coi_backward_args(grad, X_in, Z_in, gamma, bias, activation);
   const at::Tensor X = X_in.contiguous(), Z = Z_in.reshape({d.B, d.p, d.w}).contiguous();
   const at::Tensor coef = grad.detach().to(at::kDouble).reshape(-1).contiguous();
   const at::Tensor g = gamma.reshape(-1).contiguous();
   at::Tensor dX = at::empty_like(X);
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "cost_of_identity_backward_cpu", [&] {
-    Problem<scalar_t> P{Source::kCoi, X.data_ptr<scalar_t>(), nullptr, nullptr, d.B, d.N, d.w, d.p, d.w, 1, bias};
+    Problem<scalar_t> P{Source::kCoi, X.data_ptr<scalar_t>(), nullptr, nullptr, d.B, d.N, d.w, d.p, d.w, 1,
+                        bias, d.relu};
     knorm_backward(P, coef.data_ptr<double>(), Z, g.data_ptr<double>(),
                    BackwardOut<scalar_t>{dX.data_ptr<scalar_t>(), nullptr, nullptr, nullptr});
   });
@@ -304,9 +308,10 @@ at::Tensor cost_of_identity_backward_cpu(const at::Tensor& grad, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_cpu(const at::Tensor& M_in, const at::Tensor& X_in,
                                                            const c10::optional<at::Tensor>& gamma,
-                                                           double gamma0, bool bias) {
-  const KNormDims d = check_knorm_args(M_in, X_in, gamma, gamma0, bias, /*allow_half=*/false);
-  check_gamma_if_given(gamma);
+                                                           double gamma0, bool bias, c10::string_view activation) {
+  if (cpu_aten_energies()) return k_norm2_aten(M_in, X_in, gamma, gamma0, bias, activation);
+  RECORD_FUNCTION("leakycuda::cpu::k_norm2", std::vector<c10::IValue>());
+  const KNormDims d = check_knorm_args(M_in, X_in, gamma, gamma0, bias, activation);
   const auto batch = X_in.sizes().slice(0, X_in.dim() - 2);
   std::vector<int64_t> zshape(batch.begin(), batch.end());
   zshape.push_back(d.p), zshape.push_back(d.m);
@@ -314,10 +319,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_cpu(const at::Tensor& M_i
   at::Tensor val, gam, Z;
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "k_norm2_cpu", [&] {
     Problem<scalar_t> P{Source::kKNorm, X.data_ptr<scalar_t>(), M.data_ptr<scalar_t>(), nullptr,
-                        d.B, d.N, d.w, d.p, d.m, 1, bias};
+                        d.B, d.N, d.w, d.p, d.m, 1, bias, d.relu};
     ForwardOut f = knorm_forward(P, gamma, gamma0);
-    const at::Tensor v = f.values.select(1, 0);
-    val = finish_values(v, f.gamma);
+    val = finish_knorm_values(f.values, f.gamma).select(1, 0);
     gam = f.gamma, Z = f.Z;
   });
   return {val.to(X.scalar_type()).reshape(batch), gam.reshape(batch), Z.reshape(zshape)};
@@ -325,18 +329,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_cpu(const at::Tensor& M_i
 
 std::tuple<at::Tensor, at::Tensor> k_norm2_backward_cpu(const at::Tensor& grad, const at::Tensor& M_in,
                                                         const at::Tensor& X_in, const at::Tensor& Z_in,
-                                                        const at::Tensor& gamma, bool bias) {
-  const KNormDims d = check_knorm_args(M_in, X_in, gamma, 1.0, bias, /*allow_half=*/false);
-  check_saved_z(Z_in, gamma, d, X_in, "X", 1);
-  TORCH_CHECK(grad.numel() == d.B, "grad must hold one value per batch entry of X (", d.B, "), got shape ",
-              shape_str(grad.sizes()));
+                                                        const at::Tensor& gamma, bool bias,
+                                                        c10::string_view activation) {
+  if (cpu_aten_energies()) return k_norm2_backward_aten(grad, M_in, X_in, Z_in, gamma, bias, activation);
+  RECORD_FUNCTION("leakycuda::cpu::k_norm2_backward", std::vector<c10::IValue>());
+  const KNormDims d = check_knorm_backward_args(grad, M_in, X_in, Z_in, gamma, bias, activation);
   const at::Tensor X = X_in.contiguous(), M = M_in.contiguous(), Z = Z_in.reshape({d.B, d.p, d.m}).contiguous();
   const at::Tensor coef = grad.detach().to(at::kDouble).reshape(-1).contiguous();
   const at::Tensor g = gamma.reshape(-1).contiguous();
   at::Tensor dX = at::empty_like(X), dM = at::empty_like(M);
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "k_norm2_backward_cpu", [&] {
     Problem<scalar_t> P{Source::kKNorm, X.data_ptr<scalar_t>(), M.data_ptr<scalar_t>(), nullptr,
-                        d.B, d.N, d.w, d.p, d.m, 1, bias};
+                        d.B, d.N, d.w, d.p, d.m, 1, bias, d.relu};
     knorm_backward(P, coef.data_ptr<double>(), Z, g.data_ptr<double>(),
                    BackwardOut<scalar_t>{dX.data_ptr<scalar_t>(), dM.data_ptr<scalar_t>(), nullptr, nullptr});
   });
@@ -345,81 +349,40 @@ std::tuple<at::Tensor, at::Tensor> k_norm2_backward_cpu(const at::Tensor& grad, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 energies_cpu(const at::Tensor& xs_in, const at::Tensor& rho_in, double Lt,
-             const c10::optional<at::Tensor>& gamma, double gamma0, bool bias) {
-  const KNormDims d = check_energies_args(xs_in, rho_in, Lt, gamma, gamma0, bias, /*allow_half=*/false);
-  check_gamma_if_given(gamma);
+             const c10::optional<at::Tensor>& gamma, double gamma0, bool bias, c10::string_view activation) {
+  if (cpu_aten_energies()) return energies_aten(xs_in, rho_in, Lt, gamma, gamma0, bias, activation);
+  RECORD_FUNCTION("leakycuda::cpu::energies", std::vector<c10::IValue>());
+  const KNormDims d = check_energies_args(xs_in, rho_in, Lt, gamma, gamma0, bias, activation);
   const at::Tensor xs = xs_in.contiguous();
   const at::Tensor rho = rho_in.detach().to(at::kDouble).contiguous();
-  const auto L = d.B;
-  at::Tensor coi = at::empty({L}, at::kDouble), ke = at::empty({L}, at::kDouble), pot = at::empty({L}, at::kDouble);
-  at::Tensor ham = at::empty({L}, at::kDouble), rank = at::empty({L}, at::kDouble), gam, Z;
+  at::Tensor gam, Z;
+  std::array<at::Tensor, 5> e;
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "energies_cpu", [&] {
     Problem<scalar_t> P{Source::kEnergies, xs.data_ptr<scalar_t>(), nullptr, rho.data_ptr<double>(),
-                        d.B, d.N, d.w, d.p, d.w, 2, bias};
+                        d.B, d.N, d.w, d.p, d.w, 2, bias, d.relu};
     ForwardOut f = knorm_forward(P, gamma, gamma0);
     gam = f.gamma, Z = f.Z;
-    const double* v = f.values.data_ptr<double>();
-    const double* g = gam.data_ptr<double>();
-    for (int64_t l = 0; l < L; ++l) {
-      const double v0 = v[2 * l], v1 = v[2 * l + 1];  // COI_gamma(X_{l-1}) and ||D_l||^2_K
-      double* o[5] = {coi.data_ptr<double>() + l, ke.data_ptr<double>() + l, pot.data_ptr<double>() + l,
-                      ham.data_ptr<double>() + l, rank.data_ptr<double>() + l};
-      if (g[l] > 0.0 && Lt != 0.0) {
-        *o[0] = v0, *o[1] = v1 / (2.0 * Lt), *o[2] = -0.5 * Lt * v0;
-        *o[3] = *o[1] + *o[2], *o[4] = v0 - v1 / (Lt * Lt);
-      } else if (g[l] > 0.0) {
-        // Lt = 0: KE = ||D||^2 / (2 Lt) is +inf unless D = 0, the potential vanishes, and
-        // -2H/Lt = COI - ||D||^2 / Lt^2 is -inf unless D = 0 (then COI).
-        *o[0] = v0, *o[1] = dead_value(v1), *o[2] = 0.0, *o[3] = *o[1];
-        *o[4] = v1 > 0.0 ? -kInf : v0;
-      } else {
-        // gamma = 0 with S = 0: every K-norm is ||.||^2 / gamma; each output is the sign of its
-        // 1/gamma coefficient times inf (0 where the coefficient vanishes).
-        const double lt = Lt != 0.0 ? Lt : 1.0;
-        *o[0] = dead_value(v0);
-        *o[1] = Lt != 0.0 ? signed_inf(v1 / (2.0 * Lt)) : dead_value(v1);
-        *o[2] = Lt != 0.0 ? signed_inf(-0.5 * Lt * v0) : 0.0;
-        *o[3] = Lt != 0.0 ? signed_inf(v1 / (2.0 * lt) - 0.5 * lt * v0) : dead_value(v1);
-        *o[4] = Lt != 0.0 ? signed_inf(v0 - v1 / (lt * lt)) : (v1 > 0.0 ? -kInf : dead_value(v0));
-      }
-    }
+    e = energies_from_values(f.values, gam, Lt);
   });
   const auto dt = xs.scalar_type();
-  return {coi.to(dt), ke.to(dt), pot.to(dt), ham.to(dt), rank.to(dt), gam, Z};
+  return {e[0].to(dt), e[1].to(dt), e[2].to(dt), e[3].to(dt), e[4].to(dt), gam, Z};
 }
 
 std::tuple<at::Tensor, at::Tensor> energies_backward_cpu(
     const at::Tensor& grad_coi, const at::Tensor& grad_kinetic, const at::Tensor& grad_potential,
     const at::Tensor& grad_hamiltonian, const at::Tensor& grad_rank, const at::Tensor& xs_in,
-    const at::Tensor& rho_in, double Lt, const at::Tensor& Z_in, const at::Tensor& gamma, bool bias) {
-  const KNormDims d = check_energies_args(xs_in, rho_in, Lt, gamma, 1.0, bias, /*allow_half=*/false);
-  check_saved_z(Z_in, gamma, d, xs_in, "xs", 2);
+    const at::Tensor& rho_in, double Lt, const at::Tensor& Z_in, const at::Tensor& gamma, bool bias,
+    c10::string_view activation) {
+  if (cpu_aten_energies()) {
+    return energies_backward_aten(grad_coi, grad_kinetic, grad_potential, grad_hamiltonian, grad_rank, xs_in,
+                                  rho_in, Lt, Z_in, gamma, bias, activation);
+  }
+  RECORD_FUNCTION("leakycuda::cpu::energies_backward", std::vector<c10::IValue>());
+  const std::array<at::Tensor, 5> grads = {grad_coi, grad_kinetic, grad_potential, grad_hamiltonian, grad_rank};
+  const KNormDims d = check_energies_backward_args(grads, xs_in, rho_in, Lt, Z_in, gamma, bias, activation);
   const int64_t L = d.B;
-  const at::Tensor* grads[5] = {&grad_coi, &grad_kinetic, &grad_potential, &grad_hamiltonian, &grad_rank};
-  const char* names[5] = {"grad_coi", "grad_kinetic", "grad_potential", "grad_hamiltonian", "grad_rank"};
-  std::vector<at::Tensor> gd;
-  for (int i = 0; i < 5; ++i) {
-    TORCH_CHECK(grads[i]->numel() == L, names[i], " must be [L] = ", shape_str({L}), ", got shape ",
-                shape_str(grads[i]->sizes()));
-    gd.push_back(grads[i]->detach().to(at::kDouble).reshape(-1).contiguous());
-  }
   // coef[l] = (dLoss/dCOI_gamma(X_{l-1}), dLoss/d||D_l||^2_K) through coi, KE, potential, H and rank.
-  at::Tensor coef = at::empty({L, 2}, at::kDouble);
-  double* c = coef.data_ptr<double>();
-  for (int64_t l = 0; l < L; ++l) {
-    const double gc = gd[0].data_ptr<double>()[l], gk = gd[1].data_ptr<double>()[l];
-    const double gp = gd[2].data_ptr<double>()[l], gh = gd[3].data_ptr<double>()[l];
-    const double gr = gd[4].data_ptr<double>()[l];
-    if (Lt != 0.0) {
-      c[2 * l] = gc - 0.5 * Lt * (gp + gh) + gr;
-      c[2 * l + 1] = (gk + gh) / (2.0 * Lt) - gr / (Lt * Lt);
-    } else {
-      TORCH_CHECK(gk == 0.0 && gh == 0.0 && gr == 0.0,
-                  "energies: at Lt = 0 the kinetic energy, Hamiltonian and rank estimate are not differentiable "
-                  "(they divide by Lt); only coi and potential have gradients there (layer ", l + 1, ")");
-      c[2 * l] = gc, c[2 * l + 1] = 0.0;
-    }
-  }
+  const at::Tensor coef = energies_coef(grads, Lt).contiguous();
   const at::Tensor xs = xs_in.contiguous();
   const at::Tensor rho = rho_in.detach().to(at::kDouble).contiguous();
   const at::Tensor Z = Z_in.reshape({L, d.p, 2 * d.w}).contiguous();
@@ -428,8 +391,8 @@ std::tuple<at::Tensor, at::Tensor> energies_backward_cpu(
   at::Tensor drho = at::empty({L}, at::kDouble);
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "energies_backward_cpu", [&] {
     Problem<scalar_t> P{Source::kEnergies, xs.data_ptr<scalar_t>(), nullptr, rho.data_ptr<double>(),
-                        d.B, d.N, d.w, d.p, d.w, 2, bias};
-    knorm_backward(P, c, Z, g.data_ptr<double>(),
+                        d.B, d.N, d.w, d.p, d.w, 2, bias, d.relu};
+    knorm_backward(P, coef.data_ptr<double>(), Z, g.data_ptr<double>(),
                    BackwardOut<scalar_t>{dself.data_ptr<scalar_t>(), nullptr, dnext.data_ptr<scalar_t>(),
                                          drho.data_ptr<double>()});
   });
