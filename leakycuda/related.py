@@ -258,6 +258,18 @@ def _finish(name, data, out, plot, t0, log):
     return dict(data, files=files)
 
 
+def _over_seeds(ax, runs, Ls, value, fmt, color, label):
+    """Plots value(run) against L: the mean over seeds, with the min..max over seeds as error bars."""
+    import numpy as np
+
+    v = [[value(r) for r in runs if r["L"] == L] for L in Ls]
+    mean = np.array([np.mean(a) for a in v])
+    err = (mean - [min(a) for a in v], [max(a) for a in v] - mean)
+    n = max(len(a) for a in v)
+    ax.errorbar(Ls, mean, yerr=err if n > 1 else None, fmt=fmt, color=color, ms=5, capsize=2,
+                label=label + (" (mean, min..max of %d seeds)" % n if n > 1 else ""))
+
+
 def _header(name, quick, cfg, device, dtype, seeds):
     return {"experiment": name, "quick": quick, "config": dataclasses.asdict(cfg), "seeds": seeds,
             "dtype": str(dtype).replace("torch.", ""), "machine": machine_info(device)}
@@ -363,12 +375,14 @@ def plot_dln_rank(data, out):
     ax.set_xlabel("depth $L$")
     ax.set_ylabel("singular values of $A = M_L \\cdots M_1$")
     ax.set_title("Deep linear nets, $\\lambda = %g$: end-to-end spectrum" % cfg["lam"], fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_ylim(-0.08, 1.45 * runs[0]["b"][0])
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
     ax.grid(alpha=0.3)
-    ax2.plot(Ls, [r["rank"] for r in runs], "-o", color="C0", label="learned: numerical rank")
-    ax2.plot(Ls, [r["rank_global"] for r in runs], "--x", color="C3", label="global minimizer: rank")
-    ax2.plot(Ls, [r["rank_largest"] for r in runs], ":+", color="C2", ms=8, label="largest local minimizer: rank")
-    ax2.plot(Ls, [r["entropy_rank"] for r in runs], "-s", color="0.5", ms=4, label="learned: entropy rank")
+    for key, fmt, color, label in (("rank", "-o", "C0", "learned: numerical rank"),
+                                   ("rank_global", "--x", "C3", "global minimizer: rank"),
+                                   ("rank_largest", ":+", "C2", "largest local minimizer: rank"),
+                                   ("entropy_rank", "-s", "0.5", "learned: entropy rank")):
+        _over_seeds(ax2, data["runs"], Ls, lambda r: r[key], fmt, color, label)
     ax2.axhline(sum(1 for v in cfg["spectrum"] if v > 0), color="k", lw=0.8, ls="--", label="teacher rank")
     ax2.set_xlabel("depth $L$")
     ax2.set_ylabel("rank (values > %g max)" % cfg["rtol"])
@@ -694,10 +708,10 @@ def plot_fcnn_bottleneck(data, out):
     ax.grid(alpha=0.3)
     ax = axes[2]
     Ls = [r["L"] for r in runs]
-    ax.plot(Ls, [r["count_middle"] for r in runs], "-o", label="middle layer $X_{L//2}$")
-    ax.plot(Ls, [r["count_min_hidden"] for r in runs], "-s", label="fewest over hidden layers")
-    ax.plot(Ls, [r["layers"][r["middle"]]["centered"]["count_small"] for r in runs], ":^", color="0.5",
-            label="middle layer, > %g $s_1$" % cfg["rtol_small"])
+    _over_seeds(ax, data["runs"], Ls, lambda r: r["count_middle"], "-o", "C0", "middle layer $X_{L//2}$")
+    _over_seeds(ax, data["runs"], Ls, lambda r: r["count_min_hidden"], "-s", "C1", "fewest over hidden layers")
+    _over_seeds(ax, data["runs"], Ls, lambda r: r["layers"][r["middle"]]["centered"]["count_small"], ":^", "0.5",
+                "middle layer, > %g $s_1$" % cfg["rtol_small"])
     ax.axhline(k, color="k", ls="--", lw=0.8, label="$k^* = %d$" % k)
     ax.set_xlabel("number of layers $L$ ($\\rho_\\ell \\tilde L = 1$)")
     ax.set_ylabel("# large singular values")
