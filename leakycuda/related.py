@@ -291,11 +291,11 @@ class DLNRankConfig:
     init: str = "orthogonal"
     init_scale: float = 1.0
     lr0: float = 0.15
-    steps: int = 10000
+    steps: int = 6000
     rtol: float = 1e-3
 
 
-DLN_RANK = {"full": DLNRankConfig(), "quick": DLNRankConfig(steps=2500)}
+DLN_RANK = {"full": DLNRankConfig(), "quick": DLNRankConfig(steps=1500)}
 
 
 def run_dln_rank(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), progress=None, log=print, config=None):
@@ -731,8 +731,8 @@ EXPERIMENTS = {
         "run": run_dln_rank,
         "help": "L2-regularized deep linear nets: end-to-end spectrum and rank against depth, vs the closed-form "
                 "Schatten-2/L minimizer",
-        "full": "16 -> 16 whitened regression, rank-6 teacher + noise, lam = 0.2, L = 1, 2, 3, 4, 6, 8, 10000 GD steps",
-        "quick": "the same with 2500 GD steps",
+        "full": "16 -> 16 whitened regression, rank-6 teacher + noise, lam = 0.2, L = 1, 2, 3, 4, 6, 8, 6000 GD steps",
+        "quick": "the same with 1500 GD steps",
     },
     "dln-saddle": {
         "run": run_dln_saddle,
