@@ -362,7 +362,7 @@ def plot_dln_rank(data, out):
     Ls = [r["L"] for r in runs]
     x = range(len(Ls))
     k = len(cfg["spectrum"]) + 2
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.6))
     for j, bj in enumerate(runs[0]["b"][:k]):
         ax.axhline(bj, color="0.8", lw=0.8, ls=":", label="singular values of $B$ (least squares)" if j == 0 else None)
     for i, r in enumerate(runs):
@@ -371,11 +371,17 @@ def plot_dln_rank(data, out):
                 label="global minimizer (closed form)" if i == 0 else None)
         ax.plot([i + 0.18] * k, r["largest"][:k], "+", color="C2", ms=7,
                 label="largest local minimizer" if i == 0 else None)
+    for i, L in enumerate(Ls):
+        b_exist, b_star = (data["thresholds"][str(L)][k] for k in ("b_exist", "b_star"))
+        ax.hlines(b_star, i - 0.3, i + 0.3, color="C3", lw=1.2,
+                  label="$b^*$: values of $B$ below it are zeroed (global)" if i == 0 else None)
+        ax.hlines(b_exist, i - 0.3, i + 0.3, color="C2", lw=1.2, ls="--",
+                  label="$b_{exist}$: below it no local minimizer $\\neq 0$" if i == 0 else None)
     ax.set_xticks(list(x), [str(L) for L in Ls])
     ax.set_xlabel("depth $L$")
     ax.set_ylabel("singular values of $A = M_L \\cdots M_1$")
     ax.set_title("Deep linear nets, $\\lambda = %g$: end-to-end spectrum" % cfg["lam"], fontsize=10)
-    ax.set_ylim(-0.08, 1.45 * runs[0]["b"][0])
+    ax.set_ylim(-0.08, 1.6 * runs[0]["b"][0])
     ax.legend(fontsize=7, loc="upper center", ncol=2)
     ax.grid(alpha=0.3)
     for key, fmt, color, label in (("rank", "-o", "C0", "learned: numerical rank"),
@@ -525,41 +531,53 @@ def run_dln_saddle(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), pr
 
 
 def plot_dln_saddle(data, out):
-    """dln_saddle_L<L>.png for each depth (first seed) from a dln_saddle.json dict: singular values of A(t) and the
-    loss against gradient-flow time, small init (left) and large init (right); t50 of each direction marked."""
+    """dln_saddle_L<L>.png for each depth (first seed) from a dln_saddle.json dict, small init (left) and large init
+    (right) against gradient-flow time: the singular values of A(t); the progress of each target direction
+    (u_i^T A(t) v_i from its start, 0, to b_i, 1) with its t50 dashed; the loss."""
+    import numpy as np
+
     plt = plots._plt()
     cfg, seed = data["config"], data["seeds"][0]
+    target = np.asarray(cfg["spectrum"], dtype=float)
     files = {}
     for L in cfg["depths"]:
-        fig, axes = plt.subplots(2, 2, figsize=(10.0, 5.6), sharex="col", gridspec_kw={"height_ratios": [2, 1]})
+        fig, axes = plt.subplots(3, 2, figsize=(10.0, 7.6), sharex="col", gridspec_kw={"height_ratios": [2, 1.4, 1]})
         for col, init in enumerate(("small", "large")):
             run = next(r for r in data["runs"] if r["seed"] == seed and r["L"] == L and r["init"] == init)
-            t, sv = run["t"], plots._np(run["singular_values"])
+            t, sv, proj = run["t"], plots._np(run["singular_values"]), plots._np(run["projections"])
             ax = axes[0][col]
-            for j, b in enumerate(cfg["spectrum"]):
-                ax.axhline(b, color="0.75", ls=":", lw=0.8, label="target values $b_i$" if j == 0 else None)
+            for j, b in enumerate(target):
+                ax.axhline(b, color="0.75", ls=":", lw=0.8, label="targets $b_i$" if j == 0 else None)
             for j in range(sv.shape[1]):
                 ax.plot(t, sv[:, j], color="C%d" % j, lw=1.4, label="$s_%d(A(t))$" % (j + 1))
-            for j, t50 in enumerate(run["rise"]["t50"]):
-                if t50 is not None:
-                    ax.axvline(t50, color="C%d" % j, ls="--", lw=0.6)
-            what = ("small init ($\\|A(0)\\| \\approx %g$)" % cfg["small_scale"] if init == "small"
+            what = ("small init (Gaussian layers)" if init == "small"
                     else "large init (orthogonal layers $\\times %g$)" % cfg["large_scale"])
+            what += ", $s_1(A(0)) = %.2g$" % sv[0, 0]
             sm = run["summary"]
-            note = ("; t50 spread %.1fx, %s" % (sm["t50_spread"], "one at a time" if sm["sequential"] else
-                                                 "overlapping") if sm["complete"] else "")
+            note = ("\nt50 spread %.1fx, %s" % (sm["t50_spread"], "one at a time" if sm["sequential"] else
+                                                  "overlapping") if sm["complete"] else "")
             ax.set_title("L = %d, %s%s" % (L, what, note), fontsize=9)
             ax.set_ylabel("singular values of $A(t)$")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2, loc="center right")
             ax = axes[1][col]
+            progress = (proj - proj[0]) / (target - proj[0])
+            for j, b in enumerate(target):
+                ax.plot(t, progress[:, j], color="C%d" % j, lw=1.4, label="$b_%d = %g$" % (j + 1, b))
+                t50 = run["rise"]["t50"][j]
+                if t50 is not None:
+                    ax.axvline(t50, color="C%d" % j, ls="--", lw=0.7)
+            ax.set_ylim(-0.1, 1.15)
+            ax.set_ylabel("progress of $u_i^T A(t) v_i$")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
+            ax = axes[2][col]
             ax.plot(t, run["loss"], color="k", lw=1.2)
             ax.set_yscale("log")
             ax.set_xlabel("gradient-flow time $t$ = learning rate $\\times$ step")
-            ax.set_ylabel("loss $\\|XA^T - Y\\|^2/n$")
+            ax.set_ylabel("loss")
             ax.grid(alpha=0.3)
-        fig.suptitle("Deep linear network, L = %d: saddle-to-saddle (small init) vs lazy (large init); dashed: t50 "
-                     "of each target direction" % L, fontsize=10)
+        fig.suptitle("Deep linear network, L = %d: saddle to saddle (small init) vs lazy (large init)" % L, fontsize=11)
         files["png_L%d" % L] = plots._save(fig, os.path.join(out, "dln_saddle_L%d.png" % L))
     return files
 
