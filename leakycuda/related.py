@@ -457,7 +457,8 @@ def _saddle_summary(rise):
         return {"complete": False}
     gaps = [t10[i + 1] - t90[i] for i in range(len(t50) - 1)]
     return {"complete": True, "ordered": all(a < b for a, b in zip(t50, t50[1:])),
-            "gaps": gaps, "sequential": all(g > 0 for g in gaps), "t50_spread": max(t50) / min(t50)}
+            "gaps": gaps, "sequential": all(g > 0 for g in gaps), "t50_spread": max(t50) / min(t50),
+            "rise_width": sum((c - a) / b for a, b, c in zip(t10, t50, t90)) / len(t50)}
 
 
 def run_dln_saddle(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), progress=None, log=print, config=None):
@@ -469,7 +470,8 @@ def run_dln_saddle(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), pr
     values and its projections e_i(t) = u_i^T A(t) v_i on the target's singular pairs. Per direction i:
     t10, t50, t90 (gradient-flow time t = lr * step at which e_i has covered 10/50/90% of its way to b_i).
     "sequential": every next direction starts (t10) only after the previous one has finished (t90);
-    "t50_spread": max t50 / min t50 (1 when all move together). Also the relative weight change
+    "t50_spread": max t50 / min t50 (1 when all move together); "rise_width": the mean of (t90 - t10) / t50
+    (how abrupt each rise is). Also the relative weight change
     ||M(T) - M(0)||_F / ||M(0)||_F (large: feature learning; small: lazy). dtype None: float64.
     Writes dln_saddle.json and dln_saddle_L<L>.png (one per depth, first seed) to ``out``.
     """
