@@ -6,7 +6,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import torch
 from torch import nn
@@ -14,7 +13,7 @@ from torch import nn
 from . import plots
 from ._env import machine_info
 from .data import bottleneck_task
-from .experiments import _dump, _names, _seed_list
+from .experiments import _names, _seed_list
 from .functional import leaky_stack
 from .module import LeakyResNet
 from .train import fit, mse
@@ -246,14 +245,23 @@ def _gradient_descent(model, x, y, lam, lr, steps, *, record_at=(), record=None,
     bar.close()
 
 
+def _rounded(values, digits=6):
+    """A nested list of floats rounded to ``digits`` significant digits (trajectories for JSON)."""
+    if isinstance(values, (list, tuple)):
+        return [_rounded(v, digits) for v in values]
+    return float("%.*g" % (digits, values))
+
+
 def _finish(name, data, out, plot, t0, log):
-    """Writes the PNGs and ``<name>.json`` (with the wall time) to ``out``; returns the result dict."""
+    """Writes the PNGs and ``<name>.json`` (with the wall time; compact, as the trajectories make it long) to
+    ``out``; returns the result dict."""
     os.makedirs(out, exist_ok=True)
     data["seconds"] = time.perf_counter() - t0
     files = plot(data, out)
     files["json"] = os.path.join(out, name.replace("-", "_") + ".json")
     data["files"] = _names(files)
-    _dump(data, files["json"])
+    with open(files["json"], "w") as f:
+        json.dump(data, f, separators=(",", ":"))
     log("%s: wrote %s (%.1f s)" % (name, ", ".join(files.values()), data["seconds"]))
     return dict(data, files=files)
 
@@ -366,7 +374,8 @@ def plot_dln_rank(data, out):
     for j, bj in enumerate(runs[0]["b"][:k]):
         ax.axhline(bj, color="0.8", lw=0.8, ls=":", label="singular values of $B$ (least squares)" if j == 0 else None)
     for i, r in enumerate(runs):
-        ax.plot([i] * k, r["learned"][:k], "o", color="C0", ms=6, label="learned (gradient descent)" if i == 0 else None)
+        ax.plot([i] * k, r["learned"][:k], "o", color="C0", ms=6,
+                label="learned (gradient descent)" if i == 0 else None)
         ax.plot([i - 0.18] * k, r["global"][:k], "x", color="C3", ms=6,
                 label="global minimizer (closed form)" if i == 0 else None)
         ax.plot([i + 0.18] * k, r["largest"][:k], "+", color="C2", ms=7,
@@ -424,10 +433,10 @@ class DLNSaddleConfig:
     horizon_large: dict = dataclasses.field(default_factory=lambda: {2: 1.0, 3: 0.3, 4: 0.1})
     lr0: float = 0.25
     steps_large: int = 600
-    records: int = 600
+    records: int = 300
 
 
-DLN_SADDLE = {"full": DLNSaddleConfig(), "quick": DLNSaddleConfig(depths=(3,), records=300)}
+DLN_SADDLE = {"full": DLNSaddleConfig(), "quick": DLNSaddleConfig(depths=(3,), records=200)}
 
 
 def _crossing(t, progress, level):
@@ -519,7 +528,8 @@ def run_dln_saddle(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), pr
                 rise = _rise_times(torch.tensor(times), torch.tensor(projs), target)
                 change = float((model.layers.detach() - M0).norm() / M0.norm())
                 run = {"seed": seed, "L": L, "init": init, "lr": lr, "steps": steps, "seconds": time.perf_counter() - t,
-                       "t": times, "singular_values": svals, "projections": projs, "loss": losses,
+                       "t": _rounded(times), "singular_values": _rounded(svals), "projections": _rounded(projs),
+                       "loss": _rounded(losses),
                        "weight_change": change, "rise": rise, "summary": _saddle_summary(rise)}
                 runs.append(run)
                 sm = run["summary"]
