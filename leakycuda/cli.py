@@ -1,4 +1,4 @@
-"""The `leakycuda` command line: demo, reproduce fig1|fig2, bench and info.
+"""The `leakycuda` command line: demo, reproduce fig1|fig2|dln-rank|dln-saddle|fcnn-bottleneck, bench and info.
 
 Every flag is checked before any work runs; a bad value ends the command with one line,
 "leakycuda <command>: error: argument --flag: ...", and exit code 2. A run whose training diverges
@@ -121,10 +121,38 @@ def _prepare_demo(args, parser):
     return cfg, out, seed, device, dtype
 
 
+def _prepare_related(args, parser):
+    """reproduce <related experiment>'s checked settings: (out, keyword arguments of its run function)."""
+    from . import _validate, experiments
+
+    figure_only = ("Lts", "depths", "schemes", "steps", "sgd_steps", "lr", "sgd_lr", "lam", "width", "n_train",
+                   "n_test", "init", "gamma0")
+    given = [name for name in figure_only if getattr(args, name, None) is not None]
+    if given:
+        parser.error("argument --%s: applies to 'reproduce fig1|fig2' only; '%s' runs its own preset (--quick for "
+                     "the small one)" % (given[0].replace("_", "-"), args.figure))
+    out = os.path.join("leakycuda_out", args.figure) if args.out is None else args.out
+    out = _checked(parser, _validate.writable_path, out, "out", folder=True)
+    seeds = args.seeds
+    if isinstance(seeds, int):
+        seeds = range(_checked(parser, _validate.integer, seeds, "seeds", low=1, what="a count"))
+    seeds = list(_checked(parser, _validate.distinct, seeds, "seeds",
+                          lambda v, n: _validate.integer(v, n, low=0), sort=False))
+    device = _checked(parser, _validate.device, args.device, "device")
+    if device.type == "meta":
+        parser.error("argument --device: must be 'cpu' or 'cuda[:i]' (a run computes real numbers), got 'meta'")
+    dtype = None if args.dtype is None else _dtype(args.dtype)
+    kw = dict(quick=args.quick, device=device, dtype=dtype, seeds=seeds, progress=False if args.no_progress else None)
+    return out, kw
+
+
 def _prepare_reproduce(args, parser):
-    """reproduce's checked settings, before anything runs: (out, keyword arguments of run_fig1 / run_fig2)."""
+    """reproduce's checked settings, before anything runs: (out, keyword arguments of the figure's run function)."""
     from . import experiments
 
+    if args.figure not in ("fig1", "fig2"):
+        return _prepare_related(args, parser)
+    args.dtype = args.dtype or "float32"
     other = {"fig1": ("depths", "schemes"), "fig2": ("Lts",)}[args.figure]
     for name in other:
         if getattr(args, name) is not None:
@@ -152,10 +180,13 @@ def _cmd_demo(args, prepared):
 
 
 def _cmd_reproduce(args, prepared):
-    from . import experiments
+    from . import experiments, related
 
     out, kw = prepared
-    (experiments.run_fig1 if args.figure == "fig1" else experiments.run_fig2)(out, **kw)
+    if args.figure in related.EXPERIMENTS:
+        related.EXPERIMENTS[args.figure]["run"](out, **kw)
+    else:
+        (experiments.run_fig1 if args.figure == "fig1" else experiments.run_fig2)(out, **kw)
     print("results in %s" % os.path.abspath(out))
     return 0
 
@@ -315,11 +346,17 @@ def build_parser():
     _add_run_options(d, "width 64, 500 points, 5000 Adam + 1000 SGD steps, lam 1e-2")
     d.set_defaults(func=_cmd_demo, prepare=_prepare_demo)
 
-    r = sub.add_parser("reproduce", help="the paper's Figure 1 (sweep Lt) or Figure 2 (sweep L and step schemes)")
-    r.add_argument("figure", choices=("fig1", "fig2"))
+    from .related import EXPERIMENTS
+
+    r = sub.add_parser("reproduce", help="the paper's Figure 1 (sweep Lt) or Figure 2 (sweep L and step schemes), "
+                                         "or a related experiment: %s" % ", ".join(EXPERIMENTS),
+                       epilog="; ".join("%s: %s" % (name, e["help"]) for name, e in EXPERIMENTS.items()))
+    r.add_argument("figure", choices=("fig1", "fig2") + tuple(EXPERIMENTS), metavar="experiment",
+                   help="fig1, fig2, %s" % ", ".join(EXPERIMENTS))
     r.add_argument("--quick", action="store_true", help="tiny settings that finish in minutes on a CPU")
     r.add_argument("--device", default="cpu", help=_device_help())
-    r.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    r.add_argument("--dtype", choices=("float32", "float64"),
+                   help="default float32 (float64 for the deep-linear-network experiments)")
     r.add_argument("--seeds", type=_seeds, default=[0], help="a count (3 -> seeds 0,1,2) or a comma list of seeds")
     r.add_argument("--out", help="output folder (default ./leakycuda_out/<figure>)")
     r.add_argument("--Lts", type=_floats, help="fig1: comma list of effective depths (> 0)")

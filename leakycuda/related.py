@@ -13,7 +13,8 @@ from torch import nn
 from . import plots
 from ._env import machine_info
 from .data import bottleneck_task
-from .experiments import _names, _seed_list
+from . import _validate as check
+from .experiments import _names
 from .functional import leaky_stack
 from .module import LeakyResNet
 from .train import fit, mse
@@ -278,6 +279,20 @@ def _over_seeds(ax, runs, Ls, value, fmt, color, label):
                 label=label + (" (mean, min..max of %d seeds)" % n if n > 1 else ""))
 
 
+def _check_run(out, device, dtype, seeds):
+    """A run's common arguments, checked before any work (ValueError / TypeError naming the argument):
+    (out, device, dtype, seeds) with seeds a count (3 -> 0, 1, 2) or distinct integers >= 0."""
+    out = check.writable_path(out, "out", folder=True)
+    device = check.device(device)
+    if device.type == "meta":
+        check.fail(ValueError, "device", "'cpu' or 'cuda[:i]' (a run computes real numbers)", "'meta'")
+    dtype = check.float_dtype(dtype)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = range(check.integer(seeds, "seeds", low=1, what="a count"))
+    seeds = list(check.distinct(seeds, "seeds", lambda v, n: check.integer(v, n, low=0), sort=False))
+    return out, device, dtype, seeds
+
+
 def _header(name, quick, cfg, device, dtype, seeds):
     return {"experiment": name, "quick": quick, "config": dataclasses.asdict(cfg), "seeds": seeds,
             "dtype": str(dtype).replace("torch.", ""), "machine": machine_info(device)}
@@ -318,8 +333,7 @@ def run_dln_rank(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), prog
     the end (stationarity). dtype None: float64. Writes dln_rank.json and dln_rank.png to ``out``.
     """
     cfg = config or DLN_RANK["quick" if quick else "full"]
-    dtype = dtype or torch.float64
-    seeds = _seed_list(seeds)
+    out, device, dtype, seeds = _check_run(out, device, dtype or torch.float64, seeds)
     t0 = time.perf_counter()
     data = _header("dln-rank", quick, cfg, device, dtype, seeds)
     data["thresholds"] = {str(L): dict(zip(("b_exist", "b_star"), schatten_thresholds(cfg.lam, L)))
@@ -485,8 +499,7 @@ def run_dln_saddle(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), pr
     Writes dln_saddle.json and dln_saddle_L<L>.png (one per depth, first seed) to ``out``.
     """
     cfg = config or DLN_SADDLE["quick" if quick else "full"]
-    dtype = dtype or torch.float64
-    seeds = _seed_list(seeds)
+    out, device, dtype, seeds = _check_run(out, device, dtype or torch.float64, seeds)
     t0 = time.perf_counter()
     data = _header("dln-saddle", quick, cfg, device, dtype, seeds)
     target = torch.tensor(cfg.spectrum, dtype=torch.float64)
@@ -663,8 +676,7 @@ def run_fcnn_bottleneck(out, *, quick=False, device="cpu", dtype=None, seeds=(0,
     Writes fcnn_bottleneck.json and fcnn_bottleneck.png to ``out``.
     """
     cfg = config or FCNN_BOTTLENECK["quick" if quick else "full"]
-    dtype = dtype or torch.float32
-    seeds = _seed_list(seeds)
+    out, device, dtype, seeds = _check_run(out, device, dtype or torch.float32, seeds)
     t0 = time.perf_counter()
     data = _header("fcnn-bottleneck", quick, cfg, device, dtype, seeds)
     runs = []

@@ -424,6 +424,11 @@ EXPERIMENTS = [
 ]
 
 CLI = [
+    cli("related-training-flag", "reproduce dln-rank --steps 5", "--steps", "fig1|fig2"),
+    cli("related-sweep-flag", "reproduce fcnn-bottleneck --Lts 1,2", "--Lts", "fig1|fig2"),
+    cli("related-seeds-repeated", "reproduce dln-saddle --seeds 0,0", "--seeds", "distinct"),
+    cli("related-device-gpu", "reproduce dln-rank --device gpu", "--device", "gpu"),
+    cli("reproduce-unknown-experiment", "reproduce fig3", "fig3", "dln-rank"),
     cli("demo-lam-negative", "demo --lam -5", "--lam", "> 0", "-5"),
     cli("demo-gamma0-negative", "demo --gamma0 -1", "--gamma0", "-1"),
     cli("demo-out-unwritable", "demo --out /proc/leakycuda_out", "--out", "/proc"),
@@ -482,7 +487,7 @@ CLI = [
     cli("reproduce-width-0", "reproduce fig2 --quick --width 0", "--width"),
     cli("reproduce-device-gpu", "reproduce fig1 --device gpu", "--device"),
     cli("reproduce-figure", "reproduce fig3", "fig3"),
-    cli("reproduce-no-figure", "reproduce", "figure"),
+    cli("reproduce-no-figure", "reproduce", "experiment"),
     cli("bench-repeat-0", "bench --builtin --repeat 0", "--repeats", ">= 1"),
     cli("bench-repeats-negative", "bench --repeats -3", "--repeats"),
     cli("bench-unknown-flag", "bench --no-such-flag", "--no-such-flag"),

@@ -1,10 +1,12 @@
-"""Tests of the `leakycuda` command line in tiny settings: demo, reproduce fig1|fig2 --quick, info."""
+"""Tests of the `leakycuda` command line in tiny settings: demo, reproduce fig1|fig2 --quick, the related
+experiments' dispatch, info."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from leakycuda import cli
 
@@ -45,6 +47,21 @@ def test_reproduce_fig2_quick(tmp_path):
     assert sum(adaptive["layers"]["rho"]) == pytest.approx(1.0)
     for name in ("fig2a.png", "fig2b.png"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["dln-rank", "dln-saddle", "fcnn-bottleneck"])
+def test_reproduce_related_dispatches_its_checked_settings(name, tmp_path, monkeypatch):
+    from leakycuda import related
+
+    calls = []
+    monkeypatch.setitem(related.EXPERIMENTS[name], "run", lambda out, **kw: calls.append((out, kw)))
+    out = tmp_path / name
+    assert cli.main(["reproduce", name, "--quick", "--out", str(out), "--seeds", "2", "--no-progress"]) == 0
+    (got_out, kw), = calls
+    assert os.path.abspath(got_out) == os.path.abspath(str(out))
+    assert kw["quick"] and kw["seeds"] == [0, 1] and kw["dtype"] is None and str(kw["device"]) == "cpu"
+    assert cli.main(["reproduce", name, "--dtype", "float32", "--out", str(out)]) == 0
+    assert calls[-1][1]["dtype"] is torch.float32 and not calls[-1][1]["quick"]
 
 
 def test_info(capsys):
