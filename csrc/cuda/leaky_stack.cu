@@ -9,11 +9,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../checks.h"
 #include "../kernels/leaky_stack_instances.cuh"
@@ -70,8 +72,28 @@ void allow_smem(const void* kernel, int64_t bytes, int dev) {
   cur = bytes;
 }
 
-// Blocks of the large-width elementwise kernels: a function of the size only, so the fixed-order
-// partial sums of the backward are the same on every run.
+// What one call runs on: sizes (B models of L layers, width w, N rows), the shared Lt and the optional
+// per-model Lt ([B] float64 on the device), the device and torch's current stream.
+struct Launch {
+  int64_t B, L, N, w;
+  double Lt;
+  const double* model_Lt;
+  bool tf32;
+  DeviceInfo info;
+  int dev;
+  cudaStream_t stream;
+};
+
+// Grid size of B models x `per_model` CTAs (the model index is blockIdx.x / per_model).
+unsigned model_grid(const Launch& c, int64_t per_model) {
+  const int64_t n = c.B * per_model;
+  TORCH_CHECK_VALUE(n <= INT_MAX, "leaky_stack: ", c.B, " models x ", per_model,
+                    " blocks per model exceed one CUDA launch (2^31 - 1 blocks); split the models into smaller groups");
+  return unsigned(n);
+}
+
+// Blocks per model of the large-width elementwise kernels: a function of the size only, so the
+// fixed-order partial sums of the backward are the same on every run.
 int ew_blocks(int64_t n) { return int(std::max<int64_t>(1, std::min<int64_t>((n + k::kEwThreads - 1) / k::kEwThreads, 1024))); }
 
 int bucket_of(int64_t w) { return w <= 64 ? 64 : w <= 128 ? 128 : 256; }
@@ -80,6 +102,12 @@ int bucket_of(int64_t w) { return w <= 64 ? 64 : w <= 128 ? 128 : 256; }
 template <typename S> bool uses_mma(bool tf32) { return std::is_same_v<S, float> ? tf32 : !std::is_same_v<S, double>; }
 
 template <class C> struct Tag { using type = C; };
+
+// Calls f(std::integral_constant<kernels::Act, ...>) for the activation of sigma.
+template <class F> void with_act(Activation act, F&& f) {
+  if (act == Activation::kLinear) f(std::integral_constant<k::Act, k::Act::kLinear>{});
+  else f(std::integral_constant<k::Act, k::Act::kRelu>{});
+}
 
 // Calls f(Tag<Core>{}) with the small-width core for storage type S, width bucket and row tiles mt.
 // The instances are the ones listed in kernels/leaky_stack_instances.cuh.
@@ -132,288 +160,351 @@ template <typename S> bool small_fits(bool tf32, int64_t w, const DeviceInfo& d)
   return ok;
 }
 
+// Packs every layer of every model of W ([B, L, w, w+1] contiguous) into [B * L, Wp*Wp + Wp].
 template <typename S>
-Tensor pack_weights(const Tensor& W, int64_t L, int64_t w, bool transpose, bool round_tf32, cudaStream_t stream) {
-  const int Wp = k::padded_width(int(w));
-  Tensor P = at::empty({L, k::packed_layer_elems(Wp)}, W.options());
+Tensor pack_weights(const Launch& c, const Tensor& W, bool transpose, bool round_tf32) {
+  const int Wp = k::padded_width(int(c.w));
+  Tensor P = at::empty({c.B * c.L, k::packed_layer_elems(Wp)}, W.options());
   k::PackParams<kt<S>, kt<S>> p{};
-  p.L = int(L), p.w = int(w), p.Wp = Wp, p.transpose = transpose, p.round_tf32 = round_tf32;
+  p.L = int(c.B * c.L), p.w = int(c.w), p.Wp = Wp, p.transpose = transpose, p.round_tf32 = round_tf32;
   p.W = ptr<S>(W), p.P = ptr<S>(P);
   const int blocks = int(std::min<int64_t>((P.numel() + 255) / 256, 4096));
-  k::leaky_stack_pack_kernel<kt<S>, kt<S>><<<blocks, 256, 0, stream>>>(p);
+  k::leaky_stack_pack_kernel<kt<S>, kt<S>><<<blocks, 256, 0, c.stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return P;
 }
 
-// Where a small-width forward writes (see kernels::StackFwdParams); rows of every tensor are w long.
-template <typename S> struct FwdOut {
-  kt<S>* all = nullptr;  // X_{lo+1} slot; X_{lo+j} at all + (j-1)*N*w
+// Where a small-width forward reads and writes (see kernels::StackFwdParams); rows of every tensor are
+// w long, and `*_bs` is the element stride from one model to the next.
+template <typename S> struct FwdIO {
+  const kt<S>* x = nullptr;  // X_lo of model 0
+  int64_t x_bs = 0;
+  kt<S>* all = nullptr;  // X_{lo+1} slot of model 0; X_{lo+j} at all + (j-1)*N*w
+  int64_t all_bs = 0;
   kt<S>* states = nullptr;
+  int64_t states_bs = 0;
   kt<S>* last = nullptr;
+  int64_t last_bs = 0;
 };
 
-// Persistent forward over layers [lo, hi) from x ([N, w] contiguous) with forward-packed weights P.
-template <typename S>
-void forward_small(bool tf32, const Tensor& P, const Tensor& x, const Tensor& rho, double Lt, int64_t L, int64_t N,
-                   int64_t w, int64_t lo, int64_t hi, int64_t checkpoint, FwdOut<S> out, const DeviceInfo& d,
-                   int dev, cudaStream_t stream) {
+// Persistent forward over layers [lo, hi) of every model with forward-packed weights P.
+template <typename S, k::Act kAct>
+void forward_small(const Launch& c, const Tensor& P, const Tensor& rho, int64_t lo, int64_t hi, int64_t checkpoint,
+                   const FwdIO<S>& io) {
+  const int64_t N = c.N, w = c.w;
   const int bucket = bucket_of(w), Wp = k::padded_width(int(w));
-  const bool want_mt4 = uses_mma<S>(tf32) && bucket <= 128 && N >= int64_t(128) * d.sms;
+  const bool want_mt4 = uses_mma<S>(c.tf32) && bucket <= 128 && c.B * N >= int64_t(128) * c.info.sms;
   bool done = false;
   auto run = [&](auto tag) {
     using Core = typename decltype(tag)::type;
-    const int64_t ctas = (N + Core::kRows - 1) / Core::kRows;
-    const int stages = pick_stages<Core>(Wp, ctas, d);
+    const unsigned ctas = model_grid(c, (N + Core::kRows - 1) / Core::kRows);
+    const int stages = pick_stages<Core>(Wp, ctas, c.info);
     if (stages == 0) return;
     k::StackFwdParams<kt<S>, kt<S>> p{};
-    p.N = int(N), p.w = int(w), p.Wp = Wp, p.L = int(L), p.layer_begin = int(lo), p.layer_end = int(hi);
-    p.checkpoint = int(checkpoint), p.stages = stages, p.Lt = Lt;
-    p.x = ptr<S>(x), p.ldx = w, p.packed = ptr<S>(P), p.rho = ptr<S>(rho);
-    p.out_all = out.all, p.all_ld = w, p.all_stride = N * w;
-    p.states = out.states, p.states_ld = w, p.states_stride = N * w;
-    p.out_last = out.last, p.last_ld = w;
+    p.N = int(N), p.w = int(w), p.Wp = Wp, p.L = int(c.L), p.layer_begin = int(lo), p.layer_end = int(hi);
+    p.checkpoint = int(checkpoint), p.stages = stages, p.Lt = c.Lt, p.model_Lt = c.model_Lt;
+    p.x = io.x, p.ldx = w, p.x_bs = io.x_bs;
+    p.packed = ptr<S>(P), p.packed_bs = c.L * P.size(1);
+    p.rho = ptr<S>(rho), p.rho_bs = c.L;
+    p.out_all = io.all, p.all_ld = w, p.all_stride = N * w, p.all_bs = io.all_bs;
+    p.states = io.states, p.states_ld = w, p.states_stride = N * w, p.states_bs = io.states_bs;
+    p.out_last = io.last, p.last_ld = w, p.last_bs = io.last_bs;
     const int64_t smem = k::sweep_smem_bytes<Core>(Wp, stages);
-    auto kernel = k::leaky_stack_fwd_kernel<Core>;
-    allow_smem(reinterpret_cast<const void*>(kernel), smem, dev);
-    kernel<<<unsigned(ctas), Core::kThreads, size_t(smem), stream>>>(p);
+    auto kernel = k::leaky_stack_fwd_kernel<Core, kAct>;
+    allow_smem(reinterpret_cast<const void*>(kernel), smem, c.dev);
+    kernel<<<ctas, Core::kThreads, size_t(smem), c.stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     done = true;
   };
-  if (want_mt4) with_core<S, true>(tf32, bucket, 4, run);
-  if (!done) with_core<S, true>(tf32, bucket, 1, run);
+  if (want_mt4) with_core<S, true>(c.tf32, bucket, 4, run);
+  if (!done) with_core<S, true>(c.tf32, bucket, 1, run);
   TORCH_INTERNAL_ASSERT(done, "leaky_stack: the small-width forward does not fit in shared memory");
 }
 
-// Large-width forward over layers [lo, hi) from x: per layer one GEMM [relu(X_i), 1] W_i^T into
-// dest(i) (the slot of X_{i+1}) and one fused elementwise kernel.
-template <typename S>
-void forward_large(const Tensor& x, const Tensor& W, const Tensor& rho, double Lt, int64_t lo, int64_t hi,
-                   const std::function<Tensor(int64_t)>& dest, cudaStream_t stream) {
-  const int64_t N = x.size(0), w = x.size(1);
-  Tensor R = at::empty({N, w + 1}, x.options());
-  R.narrow(1, w, 1).fill_(1);
-  Tensor Rv = R.narrow(1, 0, w);
-  at::clamp_min_out(Rv, x, 0);
+// Large-width forward over layers [lo, hi) from x ([B, N, w], each model's [N, w] contiguous): per layer
+// one batched GEMM [act(X_i), 1] W_i^T into dest(i) (the [B, N, w] slot of X_{i+1}) and one fused
+// elementwise kernel for every model.
+template <typename S, k::Act kAct>
+void forward_large(const Launch& c, const Tensor& x, const Tensor& W, const Tensor& rho, int64_t lo, int64_t hi,
+                   const std::function<Tensor(int64_t)>& dest) {
+  const int64_t B = c.B, N = c.N, w = c.w;
+  Tensor R = at::empty({B, N, w + 1}, x.options());
+  R.narrow(2, w, 1).fill_(1);
+  Tensor Rv = R.narrow(2, 0, w);
+  if constexpr (kAct == k::Act::kRelu) at::clamp_min_out(Rv, x, 0);  // torch.relu: NaN stays NaN
+  else Rv.copy_(x);
   Tensor prev = x;
   const int blocks = ew_blocks(N * w);
   for (int64_t i = lo; i < hi; ++i) {
     Tensor d = dest(i);
-    at::mm_out(d, R, W[i].t());
+    at::bmm_out(d, R, W.select(1, i).transpose(1, 2));
     k::FwdEwParams<kt<S>> p{};
-    p.N = N, p.w = int(w), p.Lt = Lt, p.x = ptr<S>(prev), p.ldx = w, p.xout = ptr<S>(d), p.ldo = w;
-    p.r = ptr<S>(R), p.ldr = w + 1, p.rho = ptr<S>(rho) + i;
-    k::leaky_stack_fwd_ew_kernel<kt<S>><<<blocks, k::kEwThreads, 0, stream>>>(p);
+    p.N = N, p.w = int(w), p.blocks = blocks, p.Lt = c.Lt, p.model_Lt = c.model_Lt;
+    p.x = ptr<S>(prev), p.ldx = w, p.x_bs = prev.stride(0);
+    p.xout = ptr<S>(d), p.ldo = w, p.o_bs = d.stride(0);
+    p.r = ptr<S>(R), p.ldr = w + 1, p.r_bs = N * (w + 1);
+    p.rho = ptr<S>(rho) + i, p.rho_bs = c.L;
+    k::leaky_stack_fwd_ew_kernel<kt<S>, kAct><<<model_grid(c, blocks), k::kEwThreads, 0, c.stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     prev = d;
   }
 }
 
-// Small-width backward: per segment [lo, hi) (recomputed from its checkpoint when checkpoint > 1),
-// one persistent sweep, one dW launch; then one drho launch for all layers.
-template <typename S>
-void backward_small(bool tf32, bool per_layer, const Tensor& g, const Tensor& st, const Tensor& W, const Tensor& rho,
-                    double Lt, int64_t L, int64_t N, int64_t w, int64_t ck, Tensor& dx0, Tensor& dW, Tensor& drho,
-                    const DeviceInfo& d, int dev, cudaStream_t stream) {
+// Most layers one dW launch covers (its grid.y).
+constexpr int64_t kMaxGridY = 65535;
+
+// Small-width backward: per segment [lo, hi) (recomputed from its checkpoint when checkpoint > 1), one
+// persistent sweep and one dW launch for every model; then one drho launch for every (model, layer).
+// g: [B, N, w] or [B, L+1, N, w] (per_layer); st: [B, S', N, w]; W: [B, L, w, w+1]; rho: [B, L].
+template <typename S, k::Act kAct>
+void backward_small(const Launch& c, bool per_layer, const Tensor& g, const Tensor& st, const Tensor& W,
+                    const Tensor& rho, int64_t ck, Tensor& dx0, Tensor& dW, Tensor& drho) {
   using T = kt<S>;
+  const int64_t B = c.B, L = c.L, N = c.N, w = c.w, nw = N * w;
   const auto acc_opts = g.options().dtype(acc_dtype<S>());
   const int bucket = bucket_of(w), Wp = k::padded_width(int(w));
-  const bool mma = uses_mma<S>(tf32), round = std::is_same_v<S, float> && tf32;
-  const Tensor Pb = pack_weights<S>(W, L, w, /*transpose=*/mma, round, stream);
-  const Tensor Pf = ck > 1 ? pack_weights<S>(W, L, w, /*transpose=*/!mma, round, stream) : Tensor();
+  const bool mma = uses_mma<S>(c.tf32), round = std::is_same_v<S, float> && c.tf32;
+  const Tensor Pb = pack_weights<S>(c, W, /*transpose=*/mma, round);
+  const Tensor Pf = ck > 1 ? pack_weights<S>(c, W, /*transpose=*/!mma, round) : Tensor();
 
-  Tensor carry = at::empty({N, w}, acc_opts);
-  carry.copy_(per_layer ? g[L] : g);
-  const int64_t layer_bytes = std::max<int64_t>(1, N * w * int64_t(sizeof(kacc<S>)));
+  Tensor carry = at::empty({B, N, w}, acc_opts);
+  carry.copy_(per_layer ? g.select(1, L) : g);
+  const int64_t layer_bytes = std::max<int64_t>(1, B * nw * int64_t(sizeof(kacc<S>)));
   const int64_t seg = ck > 1 ? std::min(ck, L) : std::max<int64_t>(1, std::min<int64_t>({L, 64, (int64_t(512) << 20) / layer_bytes}));
-  Tensor gseg = at::empty({seg, N, w}, acc_opts);
-  Tensor xseg = ck > 1 ? at::empty({seg, N, w}, g.options()) : Tensor();
-  const int tiles = int(((w + k::kDwTile - 1) / k::kDwTile) * ((w + 1 + k::kDwTile - 1) / k::kDwTile));
-  Tensor tw = at::empty({L, tiles}, acc_opts);
+  Tensor gseg = at::empty({B, seg, N, w}, acc_opts);
+  Tensor xseg = ck > 1 ? at::empty({B, seg, N, w}, g.options()) : Tensor();
+  const int tiles = k::dw_tiles(int(w));
+  Tensor tw = at::empty({B, L, tiles}, acc_opts);
 
-  with_core<S, false>(tf32, bucket, 1, [&](auto tag) {
+  with_core<S, false>(c.tf32, bucket, 1, [&](auto tag) {
     using Core = typename decltype(tag)::type;
-    const int64_t ctas = (N + Core::kRows - 1) / Core::kRows;
-    const int stages = pick_stages<Core>(Wp, ctas, d);
+    const int64_t row_tiles = (N + Core::kRows - 1) / Core::kRows;
+    const unsigned ctas = model_grid(c, row_tiles);
+    const int stages = pick_stages<Core>(Wp, ctas, c.info);
     TORCH_INTERNAL_ASSERT(stages > 0, "leaky_stack_backward: the small-width sweep does not fit in shared memory");
     const int64_t smem = k::sweep_smem_bytes<Core>(Wp, stages);
-    auto kernel = k::leaky_stack_bwd_kernel<Core>;
-    allow_smem(reinterpret_cast<const void*>(kernel), smem, dev);
-    const int64_t gx_count = ctas * Core::kWarps;
-    Tensor gx = at::empty({L, gx_count}, acc_opts);
+    auto kernel = k::leaky_stack_bwd_kernel<Core, kAct>;
+    allow_smem(reinterpret_cast<const void*>(kernel), smem, c.dev);
+    const int64_t gx_count = row_tiles * Core::kWarps;
+    Tensor gx = at::empty({B, L, gx_count}, acc_opts);
 
     for (int64_t hi = L; hi > 0;) {
       const int64_t lo = ck > 1 ? (hi - 1) / ck * ck : std::max<int64_t>(0, hi - seg);
       const T* xsrc;
+      int64_t xs_bs;
       if (ck > 1) {
-        const Tensor x_lo = st[lo / ck];
-        xseg[0].copy_(x_lo);
+        xseg.select(1, 0).copy_(st.select(1, lo / ck));
         if (hi - lo > 1) {
-          FwdOut<S> out;
-          out.all = ptr<S>(xseg) + N * w;
-          forward_small<S>(tf32, Pf, x_lo, rho, Lt, L, N, w, lo, hi - 1, 1, out, d, dev, stream);
+          FwdIO<S> io;
+          io.x = ptr<S>(xseg), io.x_bs = seg * nw;
+          io.all = ptr<S>(xseg) + nw, io.all_bs = seg * nw;
+          forward_small<S, kAct>(c, Pf, rho, lo, hi - 1, 1, io);
         }
-        xsrc = ptr<S>(xseg);
+        xsrc = ptr<S>(xseg), xs_bs = seg * nw;
       } else {
-        xsrc = ptr<S>(st) + lo * N * w;
+        xsrc = ptr<S>(st) + lo * nw, xs_bs = st.stride(0);
       }
 
       k::StackBwdParams<T, T> p{};
       p.N = int(N), p.w = int(w), p.Wp = Wp, p.layer_begin = int(lo), p.layer_end = int(hi), p.stages = stages;
-      p.gx_stride = int(gx_count), p.Lt = Lt;
-      p.g = acc_ptr<S>(carry), p.ldg = w;
-      p.xs = xsrc, p.xs_ld = w, p.xs_stride = N * w;
-      p.grad_all = per_layer ? ptr<S>(g) : nullptr, p.ga_ld = w, p.ga_stride = N * w;
-      p.packed = ptr<S>(Pb), p.rho = ptr<S>(rho);
-      p.gseg = acc_ptr<S>(gseg), p.gseg_ld = w, p.gseg_stride = N * w;
-      p.gx_partial = acc_ptr<S>(gx);
-      kernel<<<unsigned(ctas), Core::kThreads, size_t(smem), stream>>>(p);
+      p.gx_stride = int(gx_count), p.Lt = c.Lt, p.model_Lt = c.model_Lt;
+      p.g = acc_ptr<S>(carry), p.ldg = w, p.g_bs = nw;
+      p.xs = xsrc, p.xs_ld = w, p.xs_stride = nw, p.xs_bs = xs_bs;
+      p.grad_all = per_layer ? ptr<S>(g) : nullptr, p.ga_ld = w, p.ga_stride = nw, p.ga_bs = (L + 1) * nw;
+      p.packed = ptr<S>(Pb), p.packed_bs = L * Pb.size(1);
+      p.rho = ptr<S>(rho), p.rho_bs = L;
+      p.gseg = acc_ptr<S>(gseg), p.gseg_ld = w, p.gseg_stride = nw, p.gseg_bs = seg * nw;
+      p.gx_partial = acc_ptr<S>(gx), p.gx_bs = L * gx_count;
+      kernel<<<ctas, Core::kThreads, size_t(smem), c.stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-      k::DwParams<T> q{};
-      q.N = int(N), q.w = int(w), q.layer_begin = int(lo), q.layer_end = int(hi);
-      q.gseg = acc_ptr<S>(gseg), q.gseg_ld = w, q.gseg_stride = N * w;
-      q.xs = xsrc, q.xs_ld = w, q.xs_stride = N * w;
-      q.W = ptr<S>(W), q.rho = ptr<S>(rho), q.dW = ptr<S>(dW), q.tw_partial = acc_ptr<S>(tw);
-      const dim3 grid(unsigned(tiles), unsigned(hi - lo));
-      if constexpr (std::is_same_v<S, double>) {
-        k::leaky_stack_dw_kernel<T, false><<<grid, k::kDwThreads, 0, stream>>>(q);
-      } else {
-        if (mma) k::leaky_stack_dw_kernel<T, true><<<grid, k::kDwThreads, 0, stream>>>(q);
-        else k::leaky_stack_dw_kernel<T, false><<<grid, k::kDwThreads, 0, stream>>>(q);
+      for (int64_t l0 = lo; l0 < hi; l0 += kMaxGridY) {
+        const int64_t l1 = std::min(hi, l0 + kMaxGridY);
+        k::DwParams<T> q{};
+        q.N = int(N), q.w = int(w), q.L = int(L), q.layer_begin = int(l0), q.layer_end = int(l1);
+        q.gseg = acc_ptr<S>(gseg) + (l0 - lo) * nw, q.gseg_ld = w, q.gseg_stride = nw, q.gseg_bs = seg * nw;
+        q.xs = xsrc + (l0 - lo) * nw, q.xs_ld = w, q.xs_stride = nw, q.xs_bs = xs_bs;
+        q.W = ptr<S>(W), q.rho = ptr<S>(rho), q.dW = ptr<S>(dW), q.tw_partial = acc_ptr<S>(tw);
+        const dim3 grid(model_grid(c, tiles), unsigned(l1 - l0));
+        if constexpr (std::is_same_v<S, double>) {
+          k::leaky_stack_dw_kernel<T, false, kAct><<<grid, k::kDwThreads, 0, c.stream>>>(q);
+        } else {
+          if (mma) k::leaky_stack_dw_kernel<T, true, kAct><<<grid, k::kDwThreads, 0, c.stream>>>(q);
+          else k::leaky_stack_dw_kernel<T, false, kAct><<<grid, k::kDwThreads, 0, c.stream>>>(q);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       hi = lo;
     }
 
     k::DrhoParams<T> r{};
-    r.L = int(L), r.tw_count = tiles, r.gx_count = int(gx_count), r.Lt = Lt;
+    r.L = int(L), r.tw_count = tiles, r.gx_count = int(gx_count), r.Lt = c.Lt, r.model_Lt = c.model_Lt;
     r.tw = acc_ptr<S>(tw), r.gx = acc_ptr<S>(gx), r.drho = ptr<S>(drho);
-    k::leaky_stack_drho_kernel<T><<<unsigned(L), k::kRedThreads, 0, stream>>>(r);
+    k::leaky_stack_drho_kernel<T><<<model_grid(c, L), k::kRedThreads, 0, c.stream>>>(r);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   dx0.copy_(carry);
 }
 
-// Large-width backward: per layer H = G_{i+1} V_i (GEMM), one fused elementwise kernel (G_i, relu(X_i),
-// <G_{i+1}, X_i> partials), T_i = G_{i+1}^T [relu(X_i), 1] (GEMM into dW[i]); then dW = rho T and
-// drho = <T, W> - Lt <G, X> over all layers.
-template <typename S>
-void backward_large(bool per_layer, const Tensor& g, const Tensor& st, const Tensor& W, const Tensor& rho, double Lt,
-                    int64_t L, int64_t N, int64_t w, int64_t ck, Tensor& dx0, Tensor& dW, Tensor& drho,
-                    cudaStream_t stream) {
+// Large-width backward: per layer H = G_{i+1} V_i (batched GEMM), one fused elementwise kernel (G_i,
+// act(X_i), <G_{i+1}, X_i> partials), T_i = G_{i+1}^T [act(X_i), 1] (batched GEMM into dW[:, i]); then
+// dW = rho T and drho = <T, W> - Lt <G, X> over every layer of every model. Shapes as backward_small.
+template <typename S, k::Act kAct>
+void backward_large(const Launch& c, bool per_layer, const Tensor& g, const Tensor& st, const Tensor& W,
+                    const Tensor& rho, const Tensor& model_Lt, int64_t ck, Tensor& dx0, Tensor& dW, Tensor& drho) {
+  const int64_t B = c.B, L = c.L, N = c.N, w = c.w, nw = N * w;
   const auto acc = acc_dtype<S>();
-  Tensor G = (per_layer ? g[L] : g).clone(at::MemoryFormat::Contiguous);
+  Tensor G = (per_layer ? g.select(1, L) : g).clone(at::MemoryFormat::Contiguous);
   Tensor Gn = at::empty_like(G), H = at::empty_like(G);
-  Tensor R = at::empty({N, w + 1}, g.options());
-  R.narrow(1, w, 1).fill_(1);
-  const int blocks = ew_blocks(N * w);
-  Tensor gx = at::empty({L, blocks}, g.options().dtype(acc));
+  Tensor R = at::empty({B, N, w + 1}, g.options());
+  R.narrow(2, w, 1).fill_(1);
+  const int blocks = ew_blocks(nw);
+  Tensor gx = at::empty({B, L, blocks}, g.options().dtype(acc));
   const int64_t seg = ck > 1 ? std::min(ck, L) : L;
-  Tensor xseg = ck > 1 ? at::empty({seg, N, w}, g.options()) : Tensor();
+  Tensor xseg = ck > 1 ? at::empty({B, seg, N, w}, g.options()) : Tensor();
 
   for (int64_t hi = L; hi > 0;) {
     const int64_t lo = ck > 1 ? (hi - 1) / ck * ck : 0;
     if (ck > 1) {
-      xseg[0].copy_(st[lo / ck]);
-      forward_large<S>(xseg[0], W, rho, Lt, lo, hi - 1, [&](int64_t i) { return xseg[i + 1 - lo]; }, stream);
+      xseg.select(1, 0).copy_(st.select(1, lo / ck));
+      forward_large<S, kAct>(c, xseg.select(1, 0), W, rho, lo, hi - 1,
+                             [&](int64_t i) { return xseg.select(1, i + 1 - lo); });
     }
     for (int64_t i = hi - 1; i >= lo; --i) {
-      const Tensor Xi = ck > 1 ? xseg[i - lo] : st[i];
-      at::mm_out(H, G, W[i].narrow(1, 0, w));
+      const Tensor Xi = ck > 1 ? xseg.select(1, i - lo) : st.select(1, i);
+      at::bmm_out(H, G, W.select(1, i).narrow(2, 0, w));
       k::BwdEwParams<kt<S>> p{};
-      p.N = N, p.w = int(w), p.Lt = Lt;
-      p.g = ptr<S>(G), p.ldg = w, p.h = ptr<S>(H), p.ldh = w, p.x = ptr<S>(Xi), p.ldx = w;
-      p.gadd = per_layer ? ptr<S>(g) + i * N * w : nullptr, p.ldga = w;
-      p.gout = ptr<S>(Gn), p.ldgo = w, p.r = ptr<S>(R), p.ldr = w + 1;
-      p.rho = ptr<S>(rho) + i, p.gx = acc_ptr<S>(gx) + i * blocks;
-      k::leaky_stack_bwd_ew_kernel<kt<S>><<<blocks, k::kEwThreads, 0, stream>>>(p);
+      p.N = N, p.w = int(w), p.blocks = blocks, p.Lt = c.Lt, p.model_Lt = c.model_Lt;
+      p.g = ptr<S>(G), p.ldg = w, p.g_bs = nw;
+      p.h = ptr<S>(H), p.ldh = w, p.h_bs = nw;
+      p.x = ptr<S>(Xi), p.ldx = w, p.x_bs = Xi.stride(0);
+      p.gadd = per_layer ? ptr<S>(g) + i * nw : nullptr, p.ldga = w, p.ga_bs = (L + 1) * nw;
+      p.gout = ptr<S>(Gn), p.ldgo = w, p.go_bs = nw;
+      p.r = ptr<S>(R), p.ldr = w + 1, p.r_bs = N * (w + 1);
+      p.rho = ptr<S>(rho) + i, p.rho_bs = L;
+      p.gx = acc_ptr<S>(gx) + i * blocks, p.gx_bs = L * blocks;
+      k::leaky_stack_bwd_ew_kernel<kt<S>, kAct><<<model_grid(c, blocks), k::kEwThreads, 0, c.stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      Tensor dWi = dW[i];
-      at::mm_out(dWi, G.t(), R);
+      Tensor dWi = dW.select(1, i);
+      at::bmm_out(dWi, G.transpose(1, 2), R);
       std::swap(G, Gn);
     }
     hi = lo;
   }
-  const Tensor tw = (dW.to(acc) * W.to(acc)).sum({1, 2});
-  drho.copy_(tw - Lt * gx.sum(1));
-  dW.mul_(rho.view({L, 1, 1}));
+  const Tensor tw = (dW.to(acc) * W.to(acc)).sum({2, 3});
+  const Tensor gxs = gx.sum(2);
+  drho.copy_(model_Lt.defined() ? tw - model_Lt.to(acc).unsqueeze(1) * gxs : tw - c.Lt * gxs);
+  dW.mul_(rho.view({B, L, 1, 1}));
   dx0.copy_(G);
+}
+
+// The leading [B] of B models, nothing for one model: the shape a result is returned in.
+std::vector<int64_t> model_shape(const StackDims& d, std::initializer_list<int64_t> rest) {
+  std::vector<int64_t> s;
+  if (d.models) s.push_back(d.B);
+  s.insert(s.end(), rest);
+  return s;
+}
+
+// The model-first view the kernels index: t itself for B models, t with a leading [1] for one model.
+Tensor as_models(const Tensor& t, const StackDims& d) { return d.models ? t : t.unsqueeze(0); }
+
+Launch make_launch(const StackDims& d, double Lt, const Tensor& model_Lt, const Tensor& like) {
+  const int dev = like.get_device();
+  return Launch{d.B, d.L, d.N, d.w, Lt, model_Lt.defined() ? model_Lt.data_ptr<double>() : nullptr,
+                at::globalContext().allowTF32CuBLAS(), device_info(dev), dev, c10::cuda::getCurrentCUDAStream()};
 }
 
 }  // namespace
 
 std::tuple<Tensor, Tensor> leaky_stack_cuda(const Tensor& x0, const Tensor& W, const Tensor& rho, double Lt,
-                                            bool return_all, int64_t checkpoint) {
-  const StackDims dims = check_stack_args(x0, W, rho, Lt, checkpoint, /*allow_half=*/true);
+                                            bool return_all, int64_t checkpoint, c10::string_view activation,
+                                            const c10::optional<Tensor>& model_Lt) {
+  const StackDims dims = check_stack_args(x0, W, rho, Lt, checkpoint, activation, model_Lt, /*allow_half=*/true);
   c10::cuda::CUDAGuard guard(x0.device());
   if (!capturing()) check_rho_values(rho);
-  const Tensor x = x0.contiguous(), Wc = W.contiguous(), rc = rho.contiguous();
-  const int64_t L = dims.L, N = dims.N, w = dims.w, S = return_all ? 0 : num_states(L, checkpoint);
-  Tensor out = return_all ? at::empty({L + 1, N, w}, x.options()) : at::empty({N, w}, x.options());
-  Tensor states = at::empty({S, N, w}, x.options());
-  if (return_all) out[0].copy_(x);
-  else if (S > 0) states[0].copy_(x);
-  if (L == 0 && !return_all) out.copy_(x);
-  if (L == 0 || N == 0) return {out, states};
+  const int64_t B = dims.B, L = dims.L, N = dims.N, w = dims.w, nw = N * w;
+  const int64_t S = return_all ? 0 : num_states(L, checkpoint);
+  Tensor out = at::empty(model_shape(dims, return_all ? std::initializer_list<int64_t>{L + 1, N, w}
+                                                      : std::initializer_list<int64_t>{N, w}),
+                         x0.options());
+  Tensor states = at::empty(model_shape(dims, {S, N, w}), x0.options());
+  // Model-first views: x [B, N, w], Wc [B, L, w, w+1], rc [B, L], outB [B, (L+1,) N, w], statesB [B, S, N, w].
+  const Tensor x = as_models(x0, dims).contiguous(), Wc = as_models(W, dims).contiguous();
+  const Tensor rc = rho.reshape({B, L}).contiguous();
+  const Tensor mlt = model_Lt.has_value() ? model_Lt->contiguous() : Tensor();
+  Tensor outB = as_models(out, dims), statesB = as_models(states, dims);
+  if (return_all) outB.select(1, 0).copy_(x);
+  else if (S > 0) statesB.select(1, 0).copy_(x);
+  if (L == 0 && !return_all) outB.copy_(x);
+  if (L == 0 || N == 0 || B == 0) return {out, states};
 
-  const int dev = x.get_device();
-  const DeviceInfo info = device_info(dev);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool tf32 = at::globalContext().allowTF32CuBLAS();
+  const Launch c = make_launch(dims, Lt, mlt, x0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "leaky_stack_cuda", [&] {
-    if (small_fits<scalar_t>(tf32, w, info)) {
-      const bool mma = uses_mma<scalar_t>(tf32);
-      const Tensor P = pack_weights<scalar_t>(Wc, L, w, /*transpose=*/!mma, std::is_same_v<scalar_t, float> && tf32, stream);
-      FwdOut<scalar_t> o;
-      if (return_all) o.all = ptr<scalar_t>(out) + N * w;
-      else o.states = ptr<scalar_t>(states), o.last = ptr<scalar_t>(out);
-      forward_small<scalar_t>(tf32, P, x, rc, Lt, L, N, w, 0, L, checkpoint, o, info, dev, stream);
-    } else {
-      Tensor ping[2];
-      auto dest = [&](int64_t i) -> Tensor {
-        const int64_t j = i + 1;
-        if (return_all) return out[j];
-        if (j == L) return out;
-        if (j % checkpoint == 0) return states[j / checkpoint];
-        if (!ping[j & 1].defined()) ping[j & 1] = at::empty({N, w}, x.options());
-        return ping[j & 1];
-      };
-      forward_large<scalar_t>(x, Wc, rc, Lt, 0, L, dest, stream);
-    }
+    with_act(dims.act, [&](auto act) {
+      constexpr k::Act kAct = decltype(act)::value;
+      if (small_fits<scalar_t>(c.tf32, w, c.info)) {
+        const bool mma = uses_mma<scalar_t>(c.tf32);
+        const Tensor P = pack_weights<scalar_t>(c, Wc, /*transpose=*/!mma, std::is_same_v<scalar_t, float> && c.tf32);
+        FwdIO<scalar_t> io;
+        io.x = ptr<scalar_t>(x), io.x_bs = nw;
+        if (return_all) io.all = ptr<scalar_t>(outB) + nw, io.all_bs = (L + 1) * nw;
+        else io.states = ptr<scalar_t>(statesB), io.states_bs = S * nw, io.last = ptr<scalar_t>(outB), io.last_bs = nw;
+        forward_small<scalar_t, kAct>(c, P, rc, 0, L, checkpoint, io);
+      } else {
+        Tensor ping[2];
+        auto dest = [&](int64_t i) -> Tensor {
+          const int64_t j = i + 1;
+          if (return_all) return outB.select(1, j);
+          if (j == L) return outB;
+          if (j % checkpoint == 0) return statesB.select(1, j / checkpoint);
+          if (!ping[j & 1].defined()) ping[j & 1] = at::empty({B, N, w}, x.options());
+          return ping[j & 1];
+        };
+        forward_large<scalar_t, kAct>(c, x, Wc, rc, 0, L, dest);
+      }
+    });
   });
   return {out, states};
 }
 
 std::tuple<Tensor, Tensor, Tensor> leaky_stack_backward_cuda(const Tensor& grad, const Tensor& states, const Tensor& W,
-                                                             const Tensor& rho, double Lt, int64_t checkpoint) {
-  const StackDims dims = check_stack_backward_args(grad, states, W, rho, Lt, checkpoint, /*allow_half=*/true);
+                                                             const Tensor& rho, double Lt, int64_t checkpoint,
+                                                             c10::string_view activation,
+                                                             const c10::optional<Tensor>& model_Lt) {
+  const StackDims dims =
+      check_stack_backward_args(grad, states, W, rho, Lt, checkpoint, activation, model_Lt, /*allow_half=*/true);
   c10::cuda::CUDAGuard guard(grad.device());
   if (!capturing()) check_rho_values(rho);
-  const Tensor g = grad.contiguous(), st = states.contiguous(), Wc = W.contiguous(), rc = rho.contiguous();
-  const int64_t L = dims.L, N = dims.N, w = dims.w;
-  const bool per_layer = g.dim() == 3;
-  Tensor dx0 = at::empty({N, w}, g.options());
-  Tensor dW = at::empty({L, w, w + 1}, g.options());
-  Tensor drho = at::empty({L}, g.options());
+  const int64_t B = dims.B, L = dims.L, N = dims.N, w = dims.w;
+  const bool per_layer = grad.dim() == (dims.models ? 4 : 3);
+  Tensor dx0 = at::empty(model_shape(dims, {N, w}), grad.options());
+  Tensor dW = at::empty(model_shape(dims, {L, w, w + 1}), grad.options());
+  Tensor drho = at::empty(model_shape(dims, {L}), grad.options());
+  // Model-first views: g [B, (L+1,) N, w], st [B, S', N, w], Wc [B, L, w, w+1], rc [B, L].
+  const Tensor g = as_models(grad, dims).contiguous(), st = as_models(states, dims).contiguous();
+  const Tensor Wc = as_models(W, dims).contiguous(), rc = rho.reshape({B, L}).contiguous();
+  const Tensor mlt = model_Lt.has_value() ? model_Lt->contiguous() : Tensor();
+  Tensor dx0B = as_models(dx0, dims), dWB = as_models(dW, dims), drhoB = drho.view({B, L});
   if (L == 0) {
-    dx0.copy_(per_layer ? g[0] : g);
+    dx0B.copy_(per_layer ? g.select(1, 0) : g);
     return {dx0, dW, drho};
   }
-  if (N == 0 || w == 0) {
+  if (N == 0 || w == 0 || B == 0) {
     dW.zero_();
     drho.zero_();
     return {dx0, dW, drho};
   }
 
-  const int dev = g.get_device();
-  const DeviceInfo info = device_info(dev);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool tf32 = at::globalContext().allowTF32CuBLAS();
+  const Launch c = make_launch(dims, Lt, mlt, grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "leaky_stack_backward_cuda", [&] {
-    if (small_fits<scalar_t>(tf32, w, info))
-      backward_small<scalar_t>(tf32, per_layer, g, st, Wc, rc, Lt, L, N, w, checkpoint, dx0, dW, drho, info, dev, stream);
-    else
-      backward_large<scalar_t>(per_layer, g, st, Wc, rc, Lt, L, N, w, checkpoint, dx0, dW, drho, stream);
+    with_act(dims.act, [&](auto act) {
+      constexpr k::Act kAct = decltype(act)::value;
+      if (small_fits<scalar_t>(c.tf32, w, c.info))
+        backward_small<scalar_t, kAct>(c, per_layer, g, st, Wc, rc, checkpoint, dx0B, dWB, drhoB);
+      else
+        backward_large<scalar_t, kAct>(c, per_layer, g, st, Wc, rc, mlt, checkpoint, dx0B, dWB, drhoB);
+    });
   });
   return {dx0, dW, drho};
 }
