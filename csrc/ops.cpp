@@ -33,47 +33,98 @@ void check_common(const at::Tensor& x, const char* x_name, const at::Tensor& W,
   CHECK_FINITE(Lt, "Lt");
 }
 
+// model_Lt: None, or (B models only) a float64 [B] tensor on x's device.
+void check_model_Lt(const c10::optional<at::Tensor>& model_Lt, const at::Tensor& x, const char* x_name,
+                    bool models, int64_t B) {
+  if (!model_Lt.has_value()) return;
+  const at::Tensor& t = *model_Lt;
+  TORCH_CHECK(models, "model_Lt (a per-model Lt) needs B models (a 4-D W [B, L, w, w+1]); with one "
+              "model pass Lt alone, got model_Lt of shape ", shape_str(t.sizes()));
+  TORCH_CHECK(t.scalar_type() == at::kDouble, "model_Lt must be a float64 tensor [B], got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "model_Lt must be on the same device as ", x_name, " (",
+              x.device(), "), got ", t.device());
+  CHECK_SHAPE(t, "model_Lt", "[B], one Lt per model", B);
+}
+
 }  // namespace
 
+Activation parse_activation(c10::string_view activation) {
+  if (activation == "relu") return Activation::kRelu;
+  if (activation == "linear") return Activation::kLinear;
+  TORCH_CHECK(false, "activation must be \"relu\" or \"linear\", got \"", std::string(activation), "\"");
+}
+
 StackDims check_stack_args(const at::Tensor& x0, const at::Tensor& W, const at::Tensor& rho,
-                           double Lt, int64_t checkpoint, bool allow_half) {
+                           double Lt, int64_t checkpoint, c10::string_view activation,
+                           const c10::optional<at::Tensor>& model_Lt, bool allow_half) {
   check_common(x0, "x0", W, rho, Lt, allow_half);
-  CHECK_DIM(x0, "x0", 2, "[N, w]");
-  CHECK_DIM(W, "W", 3, "[L, w, w+1]");
-  const int64_t N = x0.size(0), w = x0.size(1), L = W.size(0);
-  TORCH_CHECK(w >= 1, "x0 must be [N, w] with width w >= 1, got ", shape_str(x0.sizes()));
-  TORCH_CHECK(!(W.size(1) == w && W.size(2) == w), "W must be [L, w, w+1] = ",
-              shape_str({L, w, w + 1}), ", got ", shape_str(W.sizes()),
-              "; the last column is the bias (W_l = [V_l | b_l])");
-  CHECK_SHAPE(W, "W", "[L, w, w+1] with w = x0.size(1)", L, w, w + 1);
-  CHECK_SHAPE(rho, "rho", "[L], one step per layer of W", L);
+  const Activation act = parse_activation(activation);
+  TORCH_CHECK(W.dim() == 3 || W.dim() == 4, "W must be [L, w, w+1] (one model) or [B, L, w, w+1] "
+              "(B models), got shape ", shape_str(W.sizes()));
+  const bool models = W.dim() == 4;
+  if (models) {
+    CHECK_DIM(x0, "x0", 3, "[B, N, w] (B models: W is 4-D)");
+  } else {
+    CHECK_DIM(x0, "x0", 2, "[N, w]");
+  }
+  const int64_t B = models ? x0.size(0) : 1, N = x0.size(-2), w = x0.size(-1), L = W.size(-3);
+  TORCH_CHECK(w >= 1, "x0 must have width w >= 1, got ", shape_str(x0.sizes()));
+  if (models) {
+    CHECK_SHAPE(W, "W", "[B, L, w, w+1] with B, w from x0 [B, N, w]", B, L, w, w + 1);
+    CHECK_SHAPE(rho, "rho", "[B, L], one step per layer of each model", B, L);
+  } else {
+    TORCH_CHECK(!(W.size(1) == w && W.size(2) == w), "W must be [L, w, w+1] = ",
+                shape_str({L, w, w + 1}), ", got ", shape_str(W.sizes()),
+                "; the last column is the bias (W_l = [V_l | b_l])");
+    CHECK_SHAPE(W, "W", "[L, w, w+1] with w = x0.size(1)", L, w, w + 1);
+    CHECK_SHAPE(rho, "rho", "[L], one step per layer of W", L);
+  }
+  check_model_Lt(model_Lt, x0, "x0", models, B);
   TORCH_CHECK(checkpoint >= 1, "checkpoint must be an interval k >= 1, got ", checkpoint);
-  return {L, N, w};
+  return {B, L, N, w, act, models};
 }
 
 StackDims check_stack_backward_args(const at::Tensor& grad, const at::Tensor& states,
                                     const at::Tensor& W, const at::Tensor& rho, double Lt,
-                                    int64_t checkpoint, bool allow_half) {
+                                    int64_t checkpoint, c10::string_view activation,
+                                    const c10::optional<at::Tensor>& model_Lt, bool allow_half) {
   check_common(grad, "grad", W, rho, Lt, allow_half);
+  const Activation act = parse_activation(activation);
   CHECK_DTYPE(states, "states", grad, "grad");
   CHECK_DEVICE(states, "states", grad, "grad");
-  CHECK_DIM(W, "W", 3, "[L, w, w+1]");
-  CHECK_DIM(states, "states", 3, "[S, N, w]");
-  const int64_t L = W.size(0), w = W.size(1);
-  TORCH_CHECK(grad.dim() == 2 || grad.dim() == 3,
-              "grad must be [N, w] (of X_L) or [L+1, N, w] (of every X_l), got shape ",
-              shape_str(grad.sizes()));
+  TORCH_CHECK(W.dim() == 3 || W.dim() == 4, "W must be [L, w, w+1] (one model) or [B, L, w, w+1] "
+              "(B models), got shape ", shape_str(W.sizes()));
+  const bool models = W.dim() == 4;
+  const int64_t m = models ? 1 : 0;  // leading model dimension
+  const int64_t B = models ? W.size(0) : 1, L = W.size(-3), w = W.size(-2);
+  CHECK_DIM(states, "states", 3 + m, models ? "[B, S, N, w]" : "[S, N, w]");
+  TORCH_CHECK(grad.dim() == 2 + m || grad.dim() == 3 + m, "grad must be ",
+              models ? "[B, N, w] (of X_L) or [B, L+1, N, w]" : "[N, w] (of X_L) or [L+1, N, w]",
+              " (of every X_l), got shape ", shape_str(grad.sizes()));
   const int64_t N = grad.size(-2);
-  if (grad.dim() == 3) CHECK_SHAPE(grad, "grad", "[L+1, N, w]", L + 1, N, w);
-  else CHECK_SHAPE(grad, "grad", "[N, w]", N, w);
-  CHECK_SHAPE(W, "W", "[L, w, w+1]", L, w, w + 1);
-  CHECK_SHAPE(rho, "rho", "[L]", L);
+  const bool per_layer = grad.dim() == 3 + m;
+  std::vector<int64_t> gshape;
+  if (models) gshape.push_back(B);
+  if (per_layer) gshape.push_back(L + 1);
+  gshape.insert(gshape.end(), {N, w});
+  TORCH_CHECK(grad.sizes() == c10::IntArrayRef(gshape), "grad must be ",
+              per_layer ? (models ? "[B, L+1, N, w]" : "[L+1, N, w]") : (models ? "[B, N, w]" : "[N, w]"),
+              " = ", shape_str(gshape), ", got ", shape_str(grad.sizes()));
+  if (models) {
+    CHECK_SHAPE(W, "W", "[B, L, w, w+1]", B, L, w, w + 1);
+    CHECK_SHAPE(rho, "rho", "[B, L]", B, L);
+  } else {
+    CHECK_SHAPE(W, "W", "[L, w, w+1]", L, w, w + 1);
+    CHECK_SHAPE(rho, "rho", "[L]", L);
+  }
+  check_model_Lt(model_Lt, grad, "grad", models, B);
   TORCH_CHECK(checkpoint >= 1, "checkpoint must be an interval k >= 1, got ", checkpoint);
   const int64_t S = num_states(L, checkpoint);
-  TORCH_CHECK(states.size(0) >= S && states.size(1) == N && states.size(2) == w,
-              "states must hold the ceil(L/k) = ", S, " saved representations [", S, "+, ", N,
-              ", ", w, "] (checkpoint k = ", checkpoint, "), got ", shape_str(states.sizes()));
-  return {L, N, w};
+  TORCH_CHECK((!models || states.size(0) == B) && states.size(m) >= S && states.size(m + 1) == N &&
+                  states.size(m + 2) == w,
+              "states must hold the ceil(L/k) = ", S, " saved representations [", models ? "B, " : "",
+              S, "+, ", N, ", ", w, "] (checkpoint k = ", checkpoint, "), got ", shape_str(states.sizes()));
+  return {B, L, N, w, act, models};
 }
 
 void check_rho_values(const at::Tensor& rho) {
@@ -89,7 +140,8 @@ void check_rho_values(const at::Tensor& rho) {
 namespace {
 
 // One leaky residual layer as a one-layer stack; dispatches to the stack op of x's device.
-at::Tensor leaky_layer(const at::Tensor& x, const at::Tensor& W, const at::Tensor& rho, double Lt) {
+at::Tensor leaky_layer(const at::Tensor& x, const at::Tensor& W, const at::Tensor& rho, double Lt,
+                       c10::string_view activation) {
   CHECK_DIM(x, "x", 2, "[N, w]");
   CHECK_DIM(W, "W", 2, "[w, w+1] (one layer's weight; the last column is the bias)");
   TORCH_CHECK(rho.numel() == 1 && rho.dim() <= 1, "rho must be a single step (a 0-d tensor), got shape ",
@@ -98,23 +150,27 @@ at::Tensor leaky_layer(const at::Tensor& x, const at::Tensor& W, const at::Tenso
                        .findSchemaOrThrow("leakycuda::leaky_stack", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, double, bool,
-                                                                 int64_t)>();
-  return std::get<0>(op.call(x, W.unsqueeze(0), rho.reshape({1}), Lt, false, 1));
+                                                                 int64_t, c10::string_view,
+                                                                 const c10::optional<at::Tensor>&)>();
+  return std::get<0>(op.call(x, W.unsqueeze(0), rho.reshape({1}), Lt, false, 1, activation, c10::nullopt));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_layer_backward(const at::Tensor& grad,
                                                                     const at::Tensor& x,
                                                                     const at::Tensor& W,
                                                                     const at::Tensor& rho,
-                                                                    double Lt) {
+                                                                    double Lt,
+                                                                    c10::string_view activation) {
   CHECK_DIM(x, "x", 2, "[N, w]");
   CHECK_DIM(W, "W", 2, "[w, w+1]");
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("leakycuda::leaky_stack_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, double, int64_t)>();
-  auto [dx, dW, drho] = op.call(grad, x.unsqueeze(0), W.unsqueeze(0), rho.reshape({1}), Lt, 1);
+                           const at::Tensor&, double, int64_t, c10::string_view,
+                           const c10::optional<at::Tensor>&)>();
+  auto [dx, dW, drho] =
+      op.call(grad, x.unsqueeze(0), W.unsqueeze(0), rho.reshape({1}), Lt, 1, activation, c10::nullopt);
   return {dx, dW.squeeze(0), drho.reshape(rho.sizes())};
 }
 
@@ -123,19 +179,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_layer_backward(const at::Te
 }  // namespace leakycuda
 
 TORCH_LIBRARY(leakycuda, m) {
-  // Whole stack: x0 [N,w], W [L,w,w+1], rho [L] -> (out, states).
-  // out is [L+1,N,w] (every X_l) when return_all, else [N,w] (X_L); states holds what backward
-  // needs: X_0, X_k, X_2k, ... (k = checkpoint), [ceil(L/k),N,w], or [0,N,w] when return_all.
-  m.def("leaky_stack(Tensor x0, Tensor W, Tensor rho, float Lt, bool return_all, int checkpoint)"
-        " -> (Tensor, Tensor)");
+  // Whole stack: x0 [N,w], W [L,w,w+1], rho [L] -> (out, states); activation "relu" or "linear"
+  // (sigma(X) = [relu(X), 1] or [X, 1]). out is [L+1,N,w] (every X_l) when return_all, else [N,w]
+  // (X_L); states holds what backward needs: X_0, X_k, X_2k, ... (k = checkpoint), [ceil(L/k),N,w],
+  // or [0,N,w] when return_all. B models (a 4-D W): x0 [B,N,w], W [B,L,w,w+1], rho [B,L], every
+  // output with a leading [B]; model_Lt None (every model uses Lt) or a float64 [B] of per-model Lt.
+  m.def("leaky_stack(Tensor x0, Tensor W, Tensor rho, float Lt, bool return_all, int checkpoint,"
+        " str activation=\"relu\", Tensor? model_Lt=None) -> (Tensor, Tensor)");
   // grad: [N,w] of X_L or [L+1,N,w] of every X_l; states: the forward's states (or its [L+1,N,w]
-  // output with checkpoint 1). Returns (dx0 [N,w], dW [L,w,w+1], drho [L]).
+  // output with checkpoint 1). Returns (dx0 [N,w], dW [L,w,w+1], drho [L]); leading [B] for B models.
   m.def("leaky_stack_backward(Tensor grad, Tensor states, Tensor W, Tensor rho, float Lt,"
-        " int checkpoint) -> (Tensor, Tensor, Tensor)");
+        " int checkpoint, str activation=\"relu\", Tensor? model_Lt=None) -> (Tensor, Tensor, Tensor)");
   // One layer: x [N,w], W [w,w+1], rho 0-d -> [N,w].
-  m.def("leaky_layer(Tensor x, Tensor W, Tensor rho, float Lt) -> Tensor");
-  m.def("leaky_layer_backward(Tensor grad, Tensor x, Tensor W, Tensor rho, float Lt)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def("leaky_layer(Tensor x, Tensor W, Tensor rho, float Lt, str activation=\"relu\") -> Tensor");
+  m.def("leaky_layer_backward(Tensor grad, Tensor x, Tensor W, Tensor rho, float Lt,"
+        " str activation=\"relu\") -> (Tensor, Tensor, Tensor)");
 
   // --- Cost of Identity, K-norms and energies (csrc/energies.h); S = sigma(X) has p = w+1 columns
   // (bias) or p = w (bias=False); gamma is [...] or one value > 0, or None for gamma0 * ||S||_op^2.

@@ -241,7 +241,7 @@ def test_bad_inputs_give_clear_errors():
     x0, W, r = make_stack(5, 4, 3)
     f = lambda *a, **k: lc.leaky_stack(*a, **k)
     bad(lambda: f(x0[0, 0], W, r, 1.0), r"x0 must be \[N, w\] \(2 dimensions\), got shape \[\]")
-    bad(lambda: f(x0, W[0], r, 1.0), r"W must be \[L, w, w\+1\] \(3 dimensions\), got shape \[4, 5\]")
+    bad(lambda: f(x0, W[0], r, 1.0), r"W must be \[L, w, w\+1\] \(one model\) or \[B, L, w, w\+1\] \(B models\), got shape \[4, 5\]")
     bad(lambda: f(x0, torch.randn(3, 5, 6, dtype=x0.dtype), r, 1.0),
         r"W must be \[L, w, w\+1\] with w = x0.size\(1\) = \[3, 4, 5\], got \[3, 5, 6\]")
     bad(lambda: f(x0, W[..., :4], r, 1.0), r"W must be \[L, w, w\+1\] = \[3, 4, 5\], got \[3, 4, 4\]; the last column is the bias")

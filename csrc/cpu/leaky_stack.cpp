@@ -361,8 +361,13 @@ void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::
 
 std::tuple<at::Tensor, at::Tensor> leaky_stack_cpu(const at::Tensor& x0_in, const at::Tensor& W_in,
                                                    const at::Tensor& rho_in, double Lt,
-                                                   bool return_all, int64_t checkpoint) {
-  const auto d = check_stack_args(x0_in, W_in, rho_in, Lt, checkpoint, /*allow_half=*/false);
+                                                   bool return_all, int64_t checkpoint,
+                                                   c10::string_view activation,
+                                                   const c10::optional<at::Tensor>& model_Lt) {
+  const auto d = check_stack_args(x0_in, W_in, rho_in, Lt, checkpoint, activation, model_Lt,
+                                  /*allow_half=*/false);
+  TORCH_CHECK(d.act == Activation::kRelu && !d.models,
+              "leaky_stack on CPU: only activation=\"relu\" and one model are implemented so far");
   check_rho_values(rho_in);
   // The GEMMs below write into preallocated buffers: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -381,9 +386,12 @@ std::tuple<at::Tensor, at::Tensor> leaky_stack_cpu(const at::Tensor& x0_in, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_stack_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& states_in, const at::Tensor& W_in,
-    const at::Tensor& rho_in, double Lt, int64_t checkpoint) {
-  const auto d =
-      check_stack_backward_args(grad_in, states_in, W_in, rho_in, Lt, checkpoint, /*allow_half=*/false);
+    const at::Tensor& rho_in, double Lt, int64_t checkpoint, c10::string_view activation,
+    const c10::optional<at::Tensor>& model_Lt) {
+  const auto d = check_stack_backward_args(grad_in, states_in, W_in, rho_in, Lt, checkpoint, activation,
+                                           model_Lt, /*allow_half=*/false);
+  TORCH_CHECK(d.act == Activation::kRelu && !d.models,
+              "leaky_stack_backward on CPU: only activation=\"relu\" and one model are implemented so far");
   check_rho_values(rho_in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor grad = grad_in.contiguous(), W = W_in.contiguous(), rho = rho_in.contiguous();
