@@ -232,7 +232,7 @@ def test_empty_batch(device):
     assert lc.leaky_stack(x0, W, r, 1.0, return_all=True).shape == (4, 0, 5)
 
 
-def bad(fn, match, exc=RuntimeError):
+def bad(fn, match, exc=ValueError):
     with pytest.raises(exc, match=match):
         fn()
 
@@ -251,17 +251,109 @@ def test_bad_inputs_give_clear_errors():
     bad(lambda: f(x0, W, torch.tensor([0.5, float("nan"), 0.5], dtype=x0.dtype), 1.0),
         r"rho must hold finite steps rho_l >= 0, got rho\[1\] = nan")
     bad(lambda: f(x0, W, torch.tensor([0.5, -0.1, 0.5], dtype=x0.dtype), 1.0), r"got rho\[1\] = -0.1")
-    bad(lambda: f(x0, W.float(), r, 1.0), r"W must have the same dtype as x0 \(Double\), got Float")
-    bad(lambda: f(x0, W, r.float(), 1.0), r"rho must have the same dtype as x0 \(Double\), got Float")
-    bad(lambda: f(x0.long(), W.long(), r.long(), 1.0), r"x0 must be a floating tensor \(float32 or float64 on cpu\), got Long")
-    bad(lambda: f(x0.half(), W.half(), r.half(), 1.0), r"x0 must be a floating tensor .* got Half")
+    bad(lambda: f(x0, W.float(), r, 1.0), r"W must have the same dtype as x0 \(Double\), got Float", TypeError)
+    bad(lambda: f(x0, W, r.float(), 1.0), r"rho must have the same dtype as x0 \(Double\), got Float", TypeError)
+    bad(lambda: f(x0.long(), W.long(), r.long(), 1.0), r"x0 must be a floating tensor \(float32 or float64 on cpu\), got Long", TypeError)
+    bad(lambda: f(x0.half(), W.half(), r.half(), 1.0), r"x0 must be a floating tensor .* got Half", TypeError)
     bad(lambda: f(x0, W.to("meta"), r, 1.0), r"W must be on the same device as x0 \(cpu\), got meta")
-    bad(lambda: f(x0, W, r, 1.0, checkpoint=0), r"checkpoint must be None, \"sqrt\" or an interval k >= 1, got 0", ValueError)
-    bad(lambda: f(x0, W, r, 1.0, checkpoint="log"), r"checkpoint must be None", ValueError)
+    bad(lambda: f(x0, W, r, 1.0, checkpoint=0), r"checkpoint must be None, \"sqrt\" or an interval k >= 1, got 0")
+    bad(lambda: f(x0, W, r, 1.0, checkpoint="log"), r"checkpoint must be None")
     bad(lambda: f(x0, W, r, "3"), r"Lt must be a real number", TypeError)
     bad(lambda: f(x0.numpy(), W, r, 1.0), r"x0 must be a tensor \[N, w\], got ndarray", TypeError)
-    bad(lambda: lc.leaky_layer(x0, W, r[0], 1.0), r"W must be \[w, w\+1\] \(one layer's weight; the last column is the bias\) \(2 dimensions\)")
-    bad(lambda: lc.leaky_layer(x0, W[0], r, 1.0), r"rho must be a single step \(a 0-d tensor\), got shape \[3\]")
+    bad(lambda: ops.leaky_stack(x0, W, r, 1.0, False, 0), r"checkpoint must be an interval k >= 1, got 0")
+    bad(lambda: ops.leaky_stack(x0, W, r, 1.0, False, 1, "tanh"), r'activation must be "relu" or "linear", got "tanh"')
+
+
+def test_leaky_layer_errors_speak_of_the_layer():
+    """leaky_layer's errors name x [N, w], W_l [w, w+1] and rho_l, never the stack it runs as."""
+    x, W, r = make_stack(5, 4, 3)
+    f = lc.leaky_layer
+    bad(lambda: f(x, W, r[0], 1.0), r"W_l must be one layer's weight \[w, w\+1\] = \[4, 5\] with w = x.size\(1\), got \[3, 4, 5\]$")
+    bad(lambda: f(x, W[0, :, :4], r[0], 1.0), r"W_l must be one layer's weight \[w, w\+1\] = \[4, 5\] .* got \[4, 4\]; the last column is the bias")
+    bad(lambda: f(x, W[0], r, 1.0), r"rho_l must be a single step \(a number or a 0-d tensor\), got shape \[3\]")
+    bad(lambda: f(x[0, 0], W[0], r[0], 1.0), r"x must be \[N, w\] \(2 dimensions\), got shape \[\]")
+    bad(lambda: f(x, W[0].float(), r[0], 1.0), r"W_l must have the same dtype as x \(Double\), got Float", TypeError)
+    bad(lambda: f(x.long(), W[0].long(), r[0].long(), 1.0), r"^x must be a floating tensor", TypeError)
+    bad(lambda: f(x, W[0], r[0], float("nan")), r"Lt must be finite, got nan")
+    bad(lambda: ops.leaky_layer_backward(x[:2], x, W[0], r[0], 1.0), r"grad must be x's shape \[N, w\] = \[5, 4\], got \[2, 4\]")
+    for fn in (lambda: f(x, W, r[0], 1.0), lambda: f(x, W[0], r, 1.0)):
+        with pytest.raises(ValueError) as e:
+            fn()
+        assert "x0" not in str(e.value) and "[L" not in str(e.value)
+
+
+def bad_stack_cases():
+    """(op, args, error type, message) for inputs wrong in shape or dtype only: what the fake (meta)
+    kernels must refuse exactly as the real ones do."""
+    x0, W, r = make_stack(5, 4, 3)
+    out, states = ops.leaky_stack(x0, W, r, 1.0, False, 2)
+    S, B = ops.leaky_stack, ops.leaky_stack_backward
+    return [
+        (S, (x0, W[..., :4], r, 1.0, False, 1), ValueError, r"got \[3, 4, 4\]; the last column is the bias"),
+        (S, (x0, W, r[:2], 1.0, False, 1), ValueError, r"rho must be \[L\], one step per layer of W = \[3\], got \[2\]"),
+        (S, (x0.long(), W.long(), r.long(), 1.0, False, 1), TypeError, r"x0 must be a floating tensor"),
+        (S, (x0, W.float(), r, 1.0, False, 1), TypeError, r"W must have the same dtype as x0"),
+        (S, (x0[0], W, r, 1.0, False, 1), ValueError, r"x0 must be \[N, w\] \(2 dimensions\)"),
+        (S, (x0, W, r, 1.0, False, 0), ValueError, r"checkpoint must be an interval k >= 1"),
+        (S, (x0, W, r, float("nan"), False, 1), ValueError, r"Lt must be finite"),
+        (S, (x0, W, r, 1.0, False, 1, "gelu"), ValueError, r"activation must be"),
+        (B, (out, states[:1], W, r, 1.0, 2), ValueError, r"states must hold the ceil\(L/k\) = 2 saved"),
+        (B, (out[:, :3], states, W, r, 1.0, 2), ValueError, r"grad must be \[N, w\] = \[5, 4\] \(from W \[3, 4, 5\]\), got \[5, 3\]"),
+        (B, (out, states, W, r[:1], 1.0, 2), ValueError, r"rho must be \[L\]"),
+        (B, (out, states.float(), W, r, 1.0, 2), TypeError, r"states must have the same dtype as grad"),
+        (ops.leaky_layer, (x0, W[0, :, :4], r[0], 1.0), ValueError, r"W_l must be one layer's weight \[w, w\+1\] = \[4, 5\]"),
+        (ops.leaky_layer, (x0, W[0], r, 1.0), ValueError, r"rho_l must be a single step"),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["real", "fake", "meta"])
+def test_fake_and_meta_kernels_check_like_the_kernels(mode):
+    """Issue 13: under tracing a bad shape or dtype raises the kernel's own error (one check per op,
+    run by the CPU kernel and the Meta kernel alike), not a shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for op, args, exc, match in bad_stack_cases():
+        if mode == "meta":
+            args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+        if mode == "fake":
+            with FakeTensorMode() as fake_mode:
+                args = tuple(fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+                with pytest.raises(exc, match=match):
+                    op(*args)
+        else:
+            with pytest.raises(exc, match=match):
+                op(*args)
+
+
+def test_meta_kernels_give_the_output_shapes():
+    x0, W, r = make_stack(5, 4, 7)
+    m = [t.to("meta") for t in (x0, W, r)]
+    for return_all, k, shapes in [(False, 3, [(5, 4), (3, 5, 4)]), (True, 1, [(8, 5, 4), (0, 5, 4)])]:
+        assert [t.shape for t in ops.leaky_stack(*m, 1.0, return_all, k)] == shapes
+    g = torch.empty(5, 4, device="meta")
+    got = ops.leaky_stack_backward(g.double(), torch.empty(3, 5, 4, device="meta", dtype=x0.dtype), *m[1:], 1.0, 3)
+    assert [t.shape for t in got] == [(5, 4), (7, 4, 5), (7,)]
+    assert ops.leaky_layer(m[0], m[1][0], m[2][0], 1.0).shape == (5, 4)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_matches_eager(dynamic):
+    """torch.compile(fullgraph=True) over the op and its backward, static and dynamic shapes (the Meta
+    kernels' checks run on symbolic sizes); a bad shape still raises the kernel's message."""
+    f = torch.compile(lambda a, b, c: lc.leaky_stack(a, b, c, 1.5, checkpoint=2).square().sum(),
+                      fullgraph=True, dynamic=dynamic)
+    for N, w, L in [(5, 4, 3), (9, 4, 6), (7, 6, 5)]:
+        x0, W, r = make_stack(N, w, L, seed=N)
+        got_leaves = [t.clone().requires_grad_() for t in (x0, W, r)]
+        want_leaves = [t.clone().requires_grad_() for t in (x0, W, r)]
+        got, want = f(*got_leaves), ref.leaky_stack(*want_leaves, 1.5).square().sum()
+        got.backward(), want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        for a, b in zip(got_leaves, want_leaves):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
+    x0, W, r = make_stack(5, 4, 3)
+    with pytest.raises(Exception, match=r"the last column is the bias"):
+        f(x0, W[..., :4], r)
 
 
 def test_aten_gemm_fallback_matches_reference():

@@ -366,15 +366,15 @@ std::tuple<at::Tensor, at::Tensor> leaky_stack_cpu(const at::Tensor& x0_in, cons
                                                    const c10::optional<at::Tensor>& model_Lt) {
   const auto d = check_stack_args(x0_in, W_in, rho_in, Lt, checkpoint, activation, model_Lt,
                                   /*allow_half=*/false);
-  TORCH_CHECK(d.act == Activation::kRelu && !d.models,
+  TORCH_CHECK_VALUE(d.act == Activation::kRelu && !d.models,
               "leaky_stack on CPU: only activation=\"relu\" and one model are implemented so far");
   check_rho_values(rho_in);
+  check_model_Lt_values(model_Lt);
   // The GEMMs below write into preallocated buffers: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor x0 = x0_in.contiguous(), W = W_in.contiguous(), rho = rho_in.contiguous();
-  at::Tensor out = return_all ? at::empty({d.L + 1, d.N, d.w}, x0.options())
-                              : at::empty({d.N, d.w}, x0.options());
-  at::Tensor states = at::empty({return_all ? 0 : num_states(d.L, checkpoint), d.N, d.w}, x0.options());
+  at::Tensor out, states;
+  std::tie(out, states) = empty_stack_outputs(d, return_all, checkpoint, x0.options());
   if (d.N == 0) return {out, states};
   advise_huge_pages(out);
   advise_huge_pages(states);
@@ -390,15 +390,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_stack_backward_cpu(
     const c10::optional<at::Tensor>& model_Lt) {
   const auto d = check_stack_backward_args(grad_in, states_in, W_in, rho_in, Lt, checkpoint, activation,
                                            model_Lt, /*allow_half=*/false);
-  TORCH_CHECK(d.act == Activation::kRelu && !d.models,
+  TORCH_CHECK_VALUE(d.act == Activation::kRelu && !d.models,
               "leaky_stack_backward on CPU: only activation=\"relu\" and one model are implemented so far");
   check_rho_values(rho_in);
+  check_model_Lt_values(model_Lt);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor grad = grad_in.contiguous(), W = W_in.contiguous(), rho = rho_in.contiguous();
   const at::Tensor states = states_in.narrow(0, 0, num_states(d.L, checkpoint)).contiguous();
-  at::Tensor dx0 = at::empty({d.N, d.w}, grad.options());
-  at::Tensor dW = at::empty({d.L, d.w, d.w + 1}, grad.options());
-  at::Tensor drho = at::empty({d.L}, grad.options());
+  at::Tensor dx0, dW, drho;
+  std::tie(dx0, dW, drho) = empty_stack_grads(d, grad.options());
   if (d.N == 0) return {dx0, dW.zero_(), drho.zero_()};
   advise_huge_pages(dW);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "leaky_stack_backward_cpu", [&] {
