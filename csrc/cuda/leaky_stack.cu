@@ -2,8 +2,6 @@
 // launch the activation's instance (leaky_stack_launch.cuh) on torch's current stream.
 #include <torch/library.h>
 
-#include <vector>
-
 #include "leaky_stack_cuda.h"
 #include "leaky_stack_launch.cuh"
 
@@ -12,14 +10,6 @@ namespace {
 
 using at::Tensor;
 using namespace stack_cuda;  // the launch templates and helpers
-
-// The leading [B] of B models, nothing for one model: the shape a result is returned in.
-std::vector<int64_t> model_shape(const StackDims& d, std::initializer_list<int64_t> rest) {
-  std::vector<int64_t> s;
-  if (d.models) s.push_back(d.B);
-  s.insert(s.end(), rest);
-  return s;
-}
 
 // The model-first view the kernels index: t itself for B models, t with a leading [1] for one model.
 Tensor as_models(const Tensor& t, const StackDims& d) { return d.models ? t : t.unsqueeze(0); }
@@ -37,13 +27,16 @@ std::tuple<Tensor, Tensor> leaky_stack_cuda(const Tensor& x0, const Tensor& W, c
                                             const c10::optional<Tensor>& model_Lt) {
   const StackDims dims = check_stack_args(x0, W, rho, Lt, checkpoint, activation, model_Lt, /*allow_half=*/true);
   c10::cuda::CUDAGuard guard(x0.device());
-  if (!capturing()) check_rho_values(rho);
-  const int64_t B = dims.B, L = dims.L, N = dims.N, w = dims.w;
+  if (!capturing()) {  // the value checks read rho and model_Lt on the host
+    check_rho_values(rho);
+    check_model_Lt_values(model_Lt);
+  }
+  // The ATen calls below write into preallocated buffers: keep autograd out of them.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t B = dims.B, L = dims.L, N = dims.N;
   const int64_t S = return_all ? 0 : num_states(L, checkpoint);
-  Tensor out = at::empty(model_shape(dims, return_all ? std::initializer_list<int64_t>{L + 1, N, w}
-                                                      : std::initializer_list<int64_t>{N, w}),
-                         x0.options());
-  Tensor states = at::empty(model_shape(dims, {S, N, w}), x0.options());
+  Tensor out, states;
+  std::tie(out, states) = empty_stack_outputs(dims, return_all, checkpoint, x0.options());
   // Model-first views: x [B, N, w], Wc [B, L, w, w+1], rc [B, L], outB [B, (L+1,) N, w], statesB [B, S, N, w].
   const Tensor x = as_models(x0, dims).contiguous(), Wc = as_models(W, dims).contiguous();
   const Tensor rc = rho.reshape({B, L}).contiguous();
@@ -68,12 +61,15 @@ std::tuple<Tensor, Tensor, Tensor> leaky_stack_backward_cuda(const Tensor& grad,
   const StackDims dims =
       check_stack_backward_args(grad, states, W, rho, Lt, checkpoint, activation, model_Lt, /*allow_half=*/true);
   c10::cuda::CUDAGuard guard(grad.device());
-  if (!capturing()) check_rho_values(rho);
+  if (!capturing()) {
+    check_rho_values(rho);
+    check_model_Lt_values(model_Lt);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t B = dims.B, L = dims.L, N = dims.N, w = dims.w;
   const bool per_layer = grad.dim() == (dims.models ? 4 : 3);
-  Tensor dx0 = at::empty(model_shape(dims, {N, w}), grad.options());
-  Tensor dW = at::empty(model_shape(dims, {L, w, w + 1}), grad.options());
-  Tensor drho = at::empty(model_shape(dims, {L}), grad.options());
+  Tensor dx0, dW, drho;
+  std::tie(dx0, dW, drho) = empty_stack_grads(dims, grad.options());
   // Model-first views: g [B, (L+1,) N, w], st [B, S', N, w], Wc [B, L, w, w+1], rc [B, L].
   const Tensor g = as_models(grad, dims).contiguous(), st = as_models(states, dims).contiguous();
   const Tensor Wc = as_models(W, dims).contiguous(), rc = rho.reshape({B, L}).contiguous();
