@@ -293,12 +293,9 @@ def test_cuda_graph_capture_of_batched_op(activation, N, w, L, precision, tf32):
         out, _ = ops.leaky_stack(x0, W, r, 1.0, False, 2, activation, mlt)
         return (out, *torch.autograd.grad(out, (x0, W, r), gout))
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):  # warm-up outside the graph: allocator, cuBLAS handles, kernel attributes
+        step()
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
