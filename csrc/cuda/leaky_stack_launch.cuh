@@ -96,6 +96,10 @@ inline unsigned model_grid(const Launch& c, int64_t per_model) {
 // fixed-order partial sums of the backward are the same on every run.
 inline int ew_blocks(int64_t n) { return int(std::max<int64_t>(1, std::min<int64_t>((n + k::kEwThreads - 1) / k::kEwThreads, 1024))); }
 
+// Row blocks of the <G, P> fallback of drho (leaky_stack_tw_fallback_kernel): a function of N only, so the
+// order of its partial sums is fixed.
+inline int gp_row_blocks(int64_t N) { return int(std::max<int64_t>(1, std::min<int64_t>((N + 15) / 16, 1024))); }
+
 inline int bucket_of(int64_t w) { return w <= 64 ? 64 : w <= 128 ? 128 : 256; }
 
 // Tensor-core kinds use n-major packed weights; the exact cores k-major.
@@ -273,8 +277,8 @@ void backward_small(const Launch& c, bool per_layer, const Tensor& g, const Tens
   const int64_t seg = ck > 1 ? std::min(ck, L) : std::max<int64_t>(1, std::min<int64_t>({L, 64, (int64_t(512) << 20) / layer_bytes}));
   Tensor gseg = at::empty({B, seg, N, w}, acc_opts);
   Tensor xseg = ck > 1 ? at::empty({B, seg, N, w}, g.options()) : Tensor();
-  const int tiles = k::dw_tiles(int(w));
-  Tensor tw = at::empty({B, L, tiles}, acc_opts);
+  const int tiles = k::dw_tiles(int(w)), gpc = gp_row_blocks(N);
+  Tensor tw = at::empty({B, L, tiles}, acc_opts), gp = at::empty({B, L, gpc}, acc_opts);
 
   with_core<S, false>(c.tf32, bucket, 1, [&](auto tag) {
     using Core = typename decltype(tag)::type;
@@ -334,12 +338,22 @@ void backward_small(const Launch& c, bool per_layer, const Tensor& g, const Tens
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
+
+      k::TwFallbackParams<T, kacc<S>> f{};
+      f.N = int(N), f.w = int(w), f.L = int(L), f.layer_begin = int(lo), f.layer_end = int(hi);
+      f.tw_count = tiles, f.gp_count = gpc;
+      f.g = acc_ptr<S>(gseg), f.g_ld = w, f.g_stride = nw, f.g_bs = seg * nw;
+      f.xs = xsrc, f.xs_ld = w, f.xs_stride = nw, f.xs_bs = xs_bs;
+      f.W = ptr<S>(W), f.tw = acc_ptr<S>(tw), f.gp = acc_ptr<S>(gp);
+      const dim3 fgrid(model_grid(c, hi - lo), unsigned(gpc));
+      k::leaky_stack_tw_fallback_kernel<T, kacc<S>, kAct><<<fgrid, k::kRedThreads, 0, c.stream>>>(f);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       hi = lo;
     }
 
     k::DrhoParams<T> r{};
-    r.L = int(L), r.tw_count = tiles, r.gx_count = int(gx_count), r.Lt = c.Lt, r.model_Lt = c.model_Lt;
-    r.tw = acc_ptr<S>(tw), r.gx = acc_ptr<S>(gx), r.drho = ptr<S>(drho);
+    r.L = int(L), r.tw_count = tiles, r.gx_count = int(gx_count), r.gp_count = gpc, r.Lt = c.Lt;
+    r.model_Lt = c.model_Lt, r.tw = acc_ptr<S>(tw), r.gx = acc_ptr<S>(gx), r.gp = acc_ptr<S>(gp), r.drho = ptr<S>(drho);
     k::leaky_stack_drho_kernel<T><<<model_grid(c, L), k::kRedThreads, 0, c.stream>>>(r);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -347,8 +361,9 @@ void backward_small(const Launch& c, bool per_layer, const Tensor& g, const Tens
 }
 
 // Large-width backward: per layer H = G_{i+1} V_i (batched GEMM), one fused elementwise kernel (G_i,
-// act(X_i), <G_{i+1}, X_i> partials), T_i = G_{i+1}^T [act(X_i), 1] (batched GEMM into dW[:, i]); then
-// dW = rho T and drho = <T, W> - Lt <G, X> over every layer of every model. Shapes as backward_small.
+// act(X_i), <G_{i+1}, X_i> partials), T_i = G_{i+1}^T [act(X_i), 1] (batched GEMM into dW[:, i]) and
+// <T_i, W_i> (or <G_{i+1}, P_i> where that is not finite); then dW = rho T and drho over every layer of
+// every model. Shapes as backward_small.
 template <typename S, k::Act kAct>
 void backward_large(const Launch& c, bool per_layer, const Tensor& g, const Tensor& st, const Tensor& W,
                     const Tensor& rho, const Tensor& model_Lt, int64_t ck, Tensor& dx0, Tensor& dW, Tensor& drho) {
@@ -360,6 +375,8 @@ void backward_large(const Launch& c, bool per_layer, const Tensor& g, const Tens
   R.narrow(2, w, 1).fill_(1);
   const int blocks = ew_blocks(nw);
   Tensor gx = at::empty({B, L, blocks}, g.options().dtype(acc));
+  const int gpc = gp_row_blocks(N);
+  Tensor tw = at::empty({B, L}, g.options().dtype(acc)), gp = at::zeros({B, L, gpc}, g.options().dtype(acc));
   const int64_t seg = ck > 1 ? std::min(ck, L) : L;
   Tensor xseg = ck > 1 ? at::empty({B, seg, N, w}, g.options()) : Tensor();
 
@@ -387,13 +404,22 @@ void backward_large(const Launch& c, bool per_layer, const Tensor& g, const Tens
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       Tensor dWi = dW.select(1, i);
       at::bmm_out(dWi, G.transpose(1, 2), R);
+      tw.select(1, i).copy_((dWi.to(acc) * W.select(1, i).to(acc)).sum({1, 2}));
+      k::TwFallbackParams<kt<S>, kt<S>> f{};
+      f.N = int(N), f.w = int(w), f.L = int(L), f.layer_begin = int(i), f.layer_end = int(i + 1);
+      f.tw_count = 1, f.gp_count = gpc;
+      f.g = ptr<S>(G), f.g_ld = w, f.g_stride = nw, f.g_bs = nw;
+      f.xs = ptr<S>(Xi), f.xs_ld = w, f.xs_stride = nw, f.xs_bs = Xi.stride(0);
+      f.W = ptr<S>(W), f.tw = acc_ptr<S>(tw), f.gp = acc_ptr<S>(gp);
+      const dim3 fgrid(model_grid(c, 1), unsigned(gpc));
+      k::leaky_stack_tw_fallback_kernel<kt<S>, kt<S>, kAct><<<fgrid, k::kRedThreads, 0, c.stream>>>(f);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       std::swap(G, Gn);
     }
     hi = lo;
   }
-  const Tensor tw = (dW.to(acc) * W.to(acc)).sum({2, 3});
-  const Tensor gxs = gx.sum(2);
-  drho.copy_(model_Lt.defined() ? tw - model_Lt.to(acc).unsqueeze(1) * gxs : tw - c.Lt * gxs);
+  const Tensor twp = at::where(at::isfinite(tw), tw, gp.sum(2)), gxs = gx.sum(2);
+  drho.copy_(model_Lt.defined() ? twp - model_Lt.to(acc).unsqueeze(1) * gxs : twp - c.Lt * gxs);
   dW.mul_(rho.view({B, L, 1, 1}));
   dx0.copy_(G);
 }

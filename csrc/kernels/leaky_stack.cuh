@@ -651,19 +651,22 @@ __global__ void __launch_bounds__(kDwThreads) leaky_stack_dw_kernel(const DwPara
   }
 }
 
-// drho[m][i] = sum_t tw[m][i][t] - Lt_m * sum_c gx[m][i][c]: one CTA of kRedThreads per (model, layer)
-// (blockIdx.x = m * L + i), fixed-order tree.
+// drho_i = <G_{i+1}, P_i> - Lt <G_{i+1}, X_i> with P_i = [act(X_i), 1] W_i^T (the reference's form).
+// The kernels form the first term as <T_i, W_i> (T_i = G_{i+1}^T [act(X_i), 1]): equal for finite
+// operands, but not in which non-finite value comes out (an inf in W_i against a zero column of act(X_i)
+// is NaN in P_i and inf in T_i W_i). So where the partials of <T_i, W_i> do not sum to a finite number
+// (exactly when T_i or W_i holds a NaN or inf, or the sum overflows), leaky_stack_tw_fallback_kernel
+// forms <G_{i+1}, P_i> itself into gp partials, and drho takes those instead.
 inline constexpr int kRedThreads = 256;
 
-template <typename T>
-struct DrhoParams {
-  int L, tw_count, gx_count;
-  double Lt;
-  const double* __restrict__ model_Lt;
-  const acc_t<T>* __restrict__ tw;  // [B, L, tw_count]
-  const acc_t<T>* __restrict__ gx;  // [B, L, gx_count]
-  T* __restrict__ drho;             // [B, L]
-};
+// Whether the partials of <T_i, W_i> sum to a finite number, summed in index order: the one test the
+// fallback and drho kernels both make (the same arithmetic, so they always agree).
+template <typename A>
+__device__ __forceinline__ bool tw_finite(const A* tw, int count) {
+  A s = A(0);
+  for (int t = 0; t < count; ++t) s += tw[t];
+  return isfinite(s);
+}
 
 template <typename A>
 __device__ A block_sum_fixed(A v, A* red) {
@@ -678,14 +681,72 @@ __device__ A block_sum_fixed(A v, A* red) {
   return r;
 }
 
+// <G_{i+1}, P_i> of the (model, layer) pairs of a segment whose <T_i, W_i> is not finite, in gp_count
+// partials over row blocks of ceil(N / gp_count) rows (fixed order in each); other pairs return at once.
+// grid = (B * (layer_end - layer_begin), gp_count) CTAs of kRedThreads; blockIdx.x = m * nlayers + j.
+// TG: the type G is held in (the accumulation type in the small-width sweeps, T on the GEMM path).
+template <typename T, typename TG>
+struct TwFallbackParams {
+  int N, w, L, layer_begin, layer_end, tw_count, gp_count;
+  const TG* __restrict__ g;  // G_{i+1} of model m at m*g_bs + (i - layer_begin)*g_stride
+  int64_t g_ld, g_stride, g_bs;
+  const T* __restrict__ xs;  // X_i likewise
+  int64_t xs_ld, xs_stride, xs_bs;
+  const T* __restrict__ W;            // [B, L, w, w+1] contiguous
+  const acc_t<T>* __restrict__ tw;    // [B, L, tw_count]
+  acc_t<T>* __restrict__ gp;          // [B, L, gp_count]
+};
+
+template <typename T, typename TG, Act kAct>
+__global__ void __launch_bounds__(kRedThreads) leaky_stack_tw_fallback_kernel(const TwFallbackParams<T, TG> p) {
+  using A = acc_t<T>;
+  __shared__ A red[kRedThreads];
+  const int nl = p.layer_end - p.layer_begin;
+  const int m = blockIdx.x / nl, j = blockIdx.x - m * nl;
+  const int64_t layer = int64_t(m) * p.L + p.layer_begin + j;
+  if (tw_finite(p.tw + layer * p.tw_count, p.tw_count)) return;  // the same answer in every thread
+  const TG* G = p.g + m * p.g_bs + j * p.g_stride;
+  const T* X = p.xs + m * p.xs_bs + j * p.xs_stride;
+  const T* Wi = p.W + layer * p.w * (p.w + 1);
+  const int64_t rows = (int64_t(p.N) + p.gp_count - 1) / p.gp_count, r0 = blockIdx.y * rows;
+  const int64_t r1 = r0 + rows < p.N ? r0 + rows : p.N, total = r1 > r0 ? (r1 - r0) * p.w : 0;
+  A gp = A(0);
+  for (int64_t e = threadIdx.x; e < total; e += kRedThreads) {
+    const int64_t r = r0 + e / p.w;
+    const int n = int(e % p.w);
+    const T* Wn = Wi + int64_t(n) * (p.w + 1);
+    A pn = to_acc<A>(Wn[p.w]);
+    for (int k = 0; k < p.w; ++k) pn += activate<kAct>(to_acc<A>(X[r * p.xs_ld + k])) * to_acc<A>(Wn[k]);
+    gp += to_acc<A>(G[r * p.g_ld + n]) * pn;
+  }
+  gp = block_sum_fixed(gp, red);
+  if (threadIdx.x == 0) p.gp[layer * p.gp_count + blockIdx.y] = gp;
+}
+
+// drho[m][i] = (sum_t tw[m][i][t], or sum_r gp[m][i][r] where that is not finite) - Lt_m * sum_c gx[m][i][c]:
+// one CTA of kRedThreads per (model, layer) (blockIdx.x = m * L + i), fixed-order trees.
+template <typename T>
+struct DrhoParams {
+  int L, tw_count, gx_count, gp_count;
+  double Lt;
+  const double* __restrict__ model_Lt;
+  const acc_t<T>* __restrict__ tw;  // [B, L, tw_count]
+  const acc_t<T>* __restrict__ gx;  // [B, L, gx_count]
+  const acc_t<T>* __restrict__ gp;  // [B, L, gp_count], read only where tw is not finite
+  T* __restrict__ drho;             // [B, L]
+};
+
 template <typename T>
 __global__ void __launch_bounds__(kRedThreads) leaky_stack_drho_kernel(const DrhoParams<T> p) {
   using A = acc_t<T>;
   __shared__ A red[kRedThreads];
   const int64_t li = blockIdx.x;
   const int m = int(li / p.L);
+  const bool finite = tw_finite(p.tw + li * p.tw_count, p.tw_count);
+  const A* first = finite ? p.tw + li * p.tw_count : p.gp + li * p.gp_count;
+  const int count = finite ? p.tw_count : p.gp_count;
   A tw = A(0), gx = A(0);
-  for (int k = threadIdx.x; k < p.tw_count; k += kRedThreads) tw += p.tw[li * p.tw_count + k];
+  for (int k = threadIdx.x; k < count; k += kRedThreads) tw += first[k];
   for (int k = threadIdx.x; k < p.gx_count; k += kRedThreads) gx += p.gx[li * p.gx_count + k];
   tw = block_sum_fixed(tw, red);
   gx = block_sum_fixed(gx, red);

@@ -40,6 +40,12 @@ using KindF16 = KindHalf<__half>;
 // elementwise kernels (x activations).
 #define LEAKY_STACK_TYPES(X) X(float) X(double) X(__nv_bfloat16) X(__half)
 
+// X(T, TG): <G, P> fallback of drho, TG the type G is held in (the accumulation type in the small-width
+// sweeps, T on the GEMM path), x activations.
+#define LEAKY_STACK_FALLBACK_INSTANCES(X)                                                  \
+  X(float, float) X(double, double) X(__nv_bfloat16, float) X(__half, float) \
+  X(__nv_bfloat16, __nv_bfloat16) X(__half, __half)
+
 // X(T, kMma): dW kernels (TF32 tensor cores for float with TF32 and for the half types; exact else),
 // x activations.
 #define LEAKY_STACK_DW_INSTANCES(X) \
