@@ -7,11 +7,21 @@
 #include <c10/util/string_view.h>
 
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 namespace leakycuda {
 
 // sigma(X) = [act(X), 1]: kRelu is relu(X) ("relu"), kLinear is X itself ("linear").
 enum class Activation { kRelu, kLinear };
+
+// Calls f(std::integral_constant<Activation, act>{}), so that kernels can take the activation as a
+// template parameter: visit_activation(d.act, [&](auto kAct) { kernel<decltype(kAct)::value>(...); }).
+template <typename F>
+decltype(auto) visit_activation(Activation act, F&& f) {
+  if (act == Activation::kRelu) return f(std::integral_constant<Activation, Activation::kRelu>{});
+  return f(std::integral_constant<Activation, Activation::kLinear>{});
+}
 
 // Sizes of a stack: B models (B = 1 and models = false for one model, i.e. a 3-D W), each with
 // L layers of width w over a batch of N rows; act is the activation of sigma.

@@ -37,12 +37,24 @@ def checkpoint_interval(L, checkpoint):
     return int(checkpoint)
 
 
+ACTIVATIONS = ("relu", "linear")
+
+
+def check_activation(activation):
+    """The activation of sigma: "relu" (sigma(X) = [relu(X), 1]) or "linear" (sigma(X) = [X, 1])."""
+    if not isinstance(activation, str):
+        raise TypeError('activation must be "relu" or "linear", got %r' % (activation,))
+    if activation not in ACTIVATIONS:
+        raise ValueError('activation must be "relu" or "linear", got %r' % (activation,))
+    return activation
+
+
 def _check_tensor(t, name, shape_hint):
     if not isinstance(t, torch.Tensor):
         raise TypeError("%s must be a tensor %s, got %s" % (name, shape_hint, type(t).__name__))
 
 
-def leaky_stack(x0, W, rho, Lt, *, return_all=False, checkpoint=None):
+def leaky_stack(x0, W, rho, Lt, *, return_all=False, checkpoint=None, activation="relu"):
     """Runs the whole stack X_l = (1 - rho_l*Lt) X_{l-1} + rho_l * sigma(X_{l-1}) @ W_l^T, l = 1..L.
 
     x0: [N, w] (or [*batch, w]), W: [L, w, w+1] (W_l = [V_l | b_l]), rho: [L] (a tensor of x0's dtype
@@ -50,34 +62,40 @@ def leaky_stack(x0, W, rho, Lt, *, return_all=False, checkpoint=None):
     Returns X_L [N, w], or every representation [L+1, N, w] when ``return_all``.
     ``checkpoint``: None saves every representation for backward; an int k saves every k-th and
     recomputes the segments in backward; "sqrt" picks k = ceil(sqrt(L)).
+    ``activation``: "relu" (sigma(X) = [relu(X), 1]) or "linear" (sigma(X) = [X, 1]: a deep linear
+    network when rho_l * Lt = 1).
     float32 and float64 on CPU (plus float16/bfloat16 on CUDA); differentiable in x0, W and rho.
+    NaN and inf propagate as in :func:`leakycuda.reference.leaky_stack`; rho and Lt must be finite.
     """
     _check_tensor(x0, "x0", "[N, w]")
     _check_tensor(W, "W", "[L, w, w+1]")
+    check_activation(activation)
     rho = _as_rho(rho, x0)
     k = checkpoint_interval(W.shape[0] if W.dim() > 0 else 0, checkpoint)
     batch = x0.shape[:-1]
     flat = x0.dim() != 2 and x0.dim() > 0
     if flat:
         x0 = x0.reshape(-1, x0.shape[-1])
-    out, _ = ops.leaky_stack(x0, W, rho, _as_Lt(Lt), bool(return_all), k)
+    out, _ = ops.leaky_stack(x0, W, rho, _as_Lt(Lt), bool(return_all), k, activation)
     if flat:
         out = out.reshape(out.shape[:-2] + batch + out.shape[-1:])
     return out
 
 
-def leaky_layer(x, W_l, rho_l, Lt):
+def leaky_layer(x, W_l, rho_l, Lt, *, activation="relu"):
     """One leaky residual layer: (1 - rho_l*Lt) x + rho_l * sigma(x) @ W_l^T.
 
     x: [N, w] (or [*batch, w]), W_l: [w, w+1] (last column the bias), rho_l: a number or 0-d tensor,
-    Lt: the effective depth. Returns [N, w] (x's shape); differentiable in x, W_l and rho_l.
+    Lt: the effective depth, ``activation``: "relu" or "linear" (as in :func:`leaky_stack`).
+    Returns [N, w] (x's shape); differentiable in x, W_l and rho_l.
     """
     _check_tensor(x, "x", "[N, w]")
     _check_tensor(W_l, "W_l", "[w, w+1]")
+    check_activation(activation)
     rho_l = _as_rho(rho_l, x)
     shape = x.shape
     flat = x.dim() != 2 and x.dim() > 0
     if flat:
         x = x.reshape(-1, x.shape[-1])
-    out = ops.leaky_layer(x, W_l, rho_l, _as_Lt(Lt))
+    out = ops.leaky_layer(x, W_l, rho_l, _as_Lt(Lt), activation)
     return out.reshape(shape) if flat else out

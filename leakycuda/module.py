@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import steps as _steps
-from .functional import checkpoint_interval, leaky_stack
+from .functional import check_activation, checkpoint_interval, leaky_stack
 
 __all__ = ["LeakyResNet"]
 
@@ -35,7 +35,8 @@ def _effective_depth(value):
 class LeakyResNet(nn.Module):
     """A Leaky ResNet: x [N, d_in] -> X_0 = x P_in^T -> L leaky layers -> y = X_L P_out^T [N, d_out].
 
-    Leaky layer l = 1..L (DESIGN.md §1), with sigma(X) = [relu(X), 1] and W_l = [V_l | b_l]:
+    Leaky layer l = 1..L (DESIGN.md §1), with sigma(X) = [relu(X), 1] (or [X, 1], see ``activation``)
+    and W_l = [V_l | b_l]:
     ``X_l = (1 - rho_l*Lt) X_{l-1} + rho_l * sigma(X_{l-1}) @ W_l^T``.
 
     Args:
@@ -60,6 +61,9 @@ class LeakyResNet(nn.Module):
             make large Lt trainable at all.
         checkpoint: None (keep every X_l for backward), an int k (keep every k-th, recompute the
             rest) or "sqrt" (k = ceil(sqrt(L))); passed to ``leaky_stack`` in :meth:`forward`.
+        activation: "relu" (sigma(X) = [relu(X), 1]) or "linear" (sigma(X) = [X, 1]; with
+            rho_l*Lt = 1 a deep linear network). Saved in the state dict; loading one saved with
+            another activation raises ValueError.
         device, dtype: as in ``torch.nn.Linear``.
 
     Attributes:
@@ -75,7 +79,8 @@ class LeakyResNet(nn.Module):
     """
 
     def __init__(self, in_features, out_features, width, depth, effective_depth, steps="equidistant",
-                 learn_projections=True, *, a=0.0, init="random", checkpoint=None, device=None, dtype=None):
+                 learn_projections=True, *, a=0.0, init="random", checkpoint=None, activation="relu",
+                 device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.in_features = _positive_int(in_features, "in_features", "d_in, the input size")
@@ -94,6 +99,7 @@ class LeakyResNet(nn.Module):
         self.learn_projections = learn_projections
         checkpoint_interval(self.depth, checkpoint)  # validates: None, "sqrt" or an int k >= 1
         self.checkpoint = checkpoint
+        self.activation = check_activation(activation)
 
         L, w = self.depth, self.width
         self.weight = nn.Parameter(torch.empty(L, w, w + 1, **factory_kwargs))
@@ -172,12 +178,13 @@ class LeakyResNet(nn.Module):
     def forward(self, x):
         """x: [N, d_in] -> y: [N, d_out] = leaky_stack(x P_in^T, W, rho, Lt) P_out^T."""
         X = leaky_stack(self._embed(x), self.weight, self.rho, self._effective_depth,
-                        checkpoint=self.checkpoint)
+                        checkpoint=self.checkpoint, activation=self.activation)
         return X @ self.proj_out.transpose(0, 1)
 
     def representations(self, x):
         """x: [N, d_in] -> every representation X_0..X_L: [L+1, N, w] (differentiable)."""
-        return leaky_stack(self._embed(x), self.weight, self.rho, self._effective_depth, return_all=True)
+        return leaky_stack(self._embed(x), self.weight, self.rho, self._effective_depth, return_all=True,
+                           activation=self.activation)
 
     def regularization(self, lam):
         """lam/(2*Lt) * sum_l rho_l ||W_l||_F^2 (lam/2 * ... when Lt = 0): a 0-d tensor, differentiable in weight.
@@ -213,20 +220,31 @@ class LeakyResNet(nn.Module):
 
     # -- state dict ------------------------------------------------------------------------------
     def get_extra_state(self):
-        """Lt and the step scheme, as plain Python values (loadable with weights_only=True)."""
+        """Lt, the step scheme and the activation, as plain Python values (loadable with weights_only=True)."""
         return {"version": _STATE_VERSION, "effective_depth": self._effective_depth, "steps": self.steps,
-                "a": self.a, "init": self.init}
+                "a": self.a, "init": self.init, "activation": self.activation}
 
     def set_extra_state(self, state):
         if not isinstance(state, dict) or "effective_depth" not in state or "steps" not in state:
             raise RuntimeError("LeakyResNet extra state must be a dict with 'effective_depth' and 'steps' "
                                "(written by get_extra_state), got %r" % (state,))
+        self._check_loaded_activation(state)
         self._effective_depth = _effective_depth(state["effective_depth"])
         self.steps = _steps.check_scheme(state["steps"], STEP_SCHEMES, name="steps")
         self.a = _steps.check_irregularity(state.get("a", 0.0))
         self.init = _steps.check_scheme(state.get("init", self.init), INITS, name="init")
 
+    def _check_loaded_activation(self, state):
+        activation = state.get("activation", "relu")  # state dicts from before the option are relu
+        if activation != self.activation:
+            raise ValueError("the state dict was saved from a LeakyResNet with activation=%r, this one has "
+                             "activation=%r; build the model with activation=%r to load it"
+                             % (activation, self.activation, activation))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict):  # refuse before any tensor is copied in
+            self._check_loaded_activation(extra)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         _steps.warn_if_overshoot(self.rho, self._effective_depth, where="LeakyResNet.load_state_dict",
                                  stacklevel=5)
@@ -237,7 +255,8 @@ class LeakyResNet(nn.Module):
                      self.steps))
         if self.steps == "irregular":
             s += ", a={:g}".format(self.a)
-        s += ", learn_projections={}, init={!r}".format(self.learn_projections, self.init)
+        s += ", learn_projections={}, init={!r}, activation={!r}".format(self.learn_projections, self.init,
+                                                                         self.activation)
         if self.checkpoint is not None:
             s += ", checkpoint={!r}".format(self.checkpoint)
         return s

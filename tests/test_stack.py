@@ -20,17 +20,17 @@ def make_stack(N, w, L, *, Lt=3.0, dtype=torch.float64, device="cpu", seed=0, rh
     return [t.to(device=device, dtype=dtype) for t in (x0, W, r)]
 
 
-def reference_and_grads(x0, W, rho, Lt, gout, return_all):
+def reference_and_grads(x0, W, rho, Lt, gout, return_all, activation="relu"):
     """Float64 reference output and the gradients of <out, gout> in x0, W and rho."""
     leaves = [t.detach().double().cpu().requires_grad_() for t in (x0, W, rho)]
-    out = ref.leaky_stack(*leaves, Lt, return_all=return_all)
+    out = ref.leaky_stack(*leaves, Lt, return_all=return_all, activation=activation)
     grads = torch.autograd.grad(out, leaves, gout.double().cpu())
     return out.detach(), grads
 
 
-def fused_and_grads(x0, W, rho, Lt, gout, return_all, checkpoint=None):
+def fused_and_grads(x0, W, rho, Lt, gout, return_all, checkpoint=None, activation="relu"):
     leaves = [t.detach().clone().requires_grad_() for t in (x0, W, rho)]
-    out = lc.leaky_stack(*leaves, Lt, return_all=return_all, checkpoint=checkpoint)
+    out = lc.leaky_stack(*leaves, Lt, return_all=return_all, checkpoint=checkpoint, activation=activation)
     grads = torch.autograd.grad(out, leaves, gout.to(out.dtype))
     return out.detach(), grads
 
@@ -47,55 +47,138 @@ def assert_close_to_reference(got, want, same_precision_error=None, name=""):
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
 
 
-def check_stack(N, w, L, Lt, dtype, device, return_all=False, checkpoint=None, rho="random", scale=1.0):
+def check_stack(N, w, L, Lt, dtype, device, return_all=False, checkpoint=None, rho="random", scale=1.0,
+                activation="relu"):
     x0, W, r = make_stack(N, w, L, dtype=torch.float64, rho=rho, scale=scale)
     shape = (L + 1, N, w) if return_all else (N, w)
     gout = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    want, want_grads = reference_and_grads(x0, W, r, Lt, gout, return_all)
+    want, want_grads = reference_and_grads(x0, W, r, Lt, gout, return_all, activation)
     args = [t.to(device=device, dtype=dtype) for t in (x0, W, r)]
-    got, got_grads = fused_and_grads(*args, Lt, gout.to(device), return_all, checkpoint)
+    got, got_grads = fused_and_grads(*args, Lt, gout.to(device), return_all, checkpoint, activation)
     assert got.shape == shape and got.dtype == dtype and got.device.type == device
     errs = [None] * 4
     if dtype != torch.float64:  # what the reference itself makes at this precision
-        low, low_grads = reference_and_grads(*args, Lt, gout.to(dtype), return_all)
+        low, low_grads = reference_and_grads(*args, Lt, gout.to(dtype), return_all, activation)
         errs = [(a.double() - b).abs().max().item() for a, b in zip([low, *low_grads], [want, *want_grads])]
     assert_close_to_reference(got, want, errs[0], "out")
     for name, a, b, e in zip(["dx0", "dW", "drho"], got_grads, want_grads, errs[1:]):
         assert_close_to_reference(a, b, e, name)
 
 
+ACTIVATIONS = ["relu", "linear"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("L", [1, 20, 300])
 @pytest.mark.parametrize("N", [1, 5, 1000])
 @pytest.mark.parametrize("w", [1, 7, 100, 129])
-def test_stack_matches_reference_float64(w, N, L, device):
-    check_stack(N, w, L, 3.0, torch.float64, device)
+def test_stack_matches_reference_float64(w, N, L, activation, device):
+    check_stack(N, w, L, 3.0, torch.float64, device, activation=activation)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("N,w,L", [(5, 7, 20), (1000, 100, 20), (5, 129, 300), (1, 1, 1)])
-def test_stack_matches_reference_float32(N, w, L, device):
-    check_stack(N, w, L, 3.0, torch.float32, device)
+def test_stack_matches_reference_float32(N, w, L, activation, device):
+    check_stack(N, w, L, 3.0, torch.float32, device, activation=activation)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("N,w,L", [(5, 7, 20), (1000, 100, 20), (5, 129, 300)])
-def test_resnet_limit_Lt0(N, w, L, device):
-    check_stack(N, w, L, 0.0, torch.float64, device, scale=0.3)
+def test_resnet_limit_Lt0(N, w, L, activation, device):
+    check_stack(N, w, L, 0.0, torch.float64, device, scale=0.3, activation=activation)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("N,w,L", [(5, 7, 1), (5, 7, 20), (1000, 100, 20)])
-def test_fully_connected_limit(N, w, L, device):
-    # rho_l * Lt = 1: each layer is X_l = rho_l sigma(X_{l-1}) W_l^T; W scaled by L keeps the signal alive.
-    check_stack(N, w, L, float(L), torch.float64, device, rho="equidistant", scale=float(L))
+def test_fully_connected_limit(N, w, L, activation, device):
+    # rho_l * Lt = 1: each layer is X_l = rho_l sigma(X_{l-1}) W_l^T (with "linear", a deep linear
+    # network); W scaled by L keeps the signal alive.
+    check_stack(N, w, L, float(L), torch.float64, device, rho="equidistant", scale=float(L), activation=activation)
     x0, W, r = make_stack(N, w, L, rho="equidistant", scale=float(L), device=device)
-    y = lc.leaky_stack(x0, W, r, float(L), return_all=True)
+    y = lc.leaky_stack(x0, W, r, float(L), return_all=True, activation=activation)
     for l in range(1, L + 1):
-        want = r[l - 1] * (ref.sigma(y[l - 1]) @ W[l - 1].T)
+        want = r[l - 1] * (ref.sigma(y[l - 1], activation=activation) @ W[l - 1].T)
         torch.testing.assert_close(y[l], want, rtol=1e-12, atol=1e-12)
 
 
+def test_linear_activation_is_a_deep_linear_network():
+    """activation="linear", rho_l * Lt = 1, zero biases: X_L = X_0 (r_1 V_1)^T ... (r_L V_L)^T, a
+    product of matrices (relu gives something else)."""
+    x0, W, r = make_stack(6, 5, 4, rho="equidistant", scale=4.0)
+    W[..., -1] = 0
+    y = lc.leaky_stack(x0, W, r, 4.0, activation="linear")
+    want = x0
+    for l in range(4):
+        want = want @ (r[l] * W[l, :, :5]).T
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    assert (y - lc.leaky_stack(x0, W, r, 4.0)).abs().max() > 1e-3
+
+
+def assert_same_nonfinite(got, want, name):
+    """NaN and ±inf at the same positions as the reference, the finite entries close to it."""
+    got = got.double().cpu()
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(got), kind(want)), f"{name}: {kind.__name__} at {kind(got).sum()} positions, reference {kind(want).sum()}"
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got[fin], want[fin], rtol=1e-9, atol=1e-9, msg=name)
+
+
+NONFINITE_SITES = {  # where one non-finite value goes: (tensor, index)
+    "x0": ("x0", (2, 1)),
+    "W": ("W", (3, 2, 0)),
+    "bias": ("W", (0, 1, 5)),
+    "grad": ("gout", (4, 3)),
+}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("site", sorted(NONFINITE_SITES))
+@pytest.mark.parametrize("checkpoint", [None, 3])
+@pytest.mark.parametrize("return_all", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nonfinite_values_propagate_like_the_reference(site, value, checkpoint, return_all, activation, device):
+    """Issue 13: NaN/inf in x0, W or the incoming gradient reach the same outputs and gradients as in
+    the float64 reference (torch.relu keeps NaN; its backward passes the gradient where X is NaN)."""
+    N, w, L = 7, 5, 6
+    x0, W, r = make_stack(N, w, L)
+    shape = (L + 1, N, w) if return_all else (N, w)
+    gout = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    tensors = {"x0": x0, "W": W, "gout": gout}
+    name, index = NONFINITE_SITES[site]
+    tensors[name][(index[0] % shape[0],) + index[1:] if name == "gout" and return_all else index] = value
+    want, want_grads = reference_and_grads(x0, W, r, 2.0, gout, return_all, activation)
+    args = [t.to(device) for t in (x0, W, r)]
+    got, got_grads = fused_and_grads(*args, 2.0, gout.to(device), return_all, checkpoint, activation)
+    assert not torch.isfinite(want).all() or site == "grad"
+    for n, a, b in zip(["out", "dx0", "dW", "drho"], [got, *got_grads], [want, *want_grads]):
+        assert_same_nonfinite(a, b, n)
+
+
+def test_nan_in_x0_reaches_a_whole_row():
+    """The issue's case: x0[0, 0] = NaN makes all w outputs of row 0 NaN (the relu no longer maps it to 0)."""
+    x0, W, r = make_stack(5, 4, 3)
+    x0[0, 0] = float("nan")
+    assert lc.leaky_stack(x0, W, r, 1.0).isnan().sum() == 4
+    W[1, 2, 3] = float("nan")
+    assert lc.leaky_stack(x0, W, r, 1.0).isnan().all()
+
+
+def test_nonfinite_steps_and_depth_are_refused():
+    """rho and Lt are hyper-parameters: a non-finite (or negative) step is an error, not a NaN run."""
+    x0, W, r = make_stack(5, 4, 3)
+    for v in (float("nan"), float("inf")):
+        rr = r.clone()
+        rr[2] = v
+        bad(lambda: lc.leaky_stack(x0, W, rr, 1.0), r"rho must hold finite steps rho_l >= 0, got rho\[2\] = ")
+        bad(lambda: lc.leaky_stack(x0, W, r, v), r"Lt must be finite")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("checkpoint", [None, 1, 2, 3, "sqrt", 7, 50])
 @pytest.mark.parametrize("return_all", [False, True])
-def test_checkpointing_same_gradients(checkpoint, return_all, device):
-    check_stack(9, 13, 23, 2.0, torch.float64, device, return_all=return_all, checkpoint=checkpoint)
+def test_checkpointing_same_gradients(checkpoint, return_all, activation, device):
+    check_stack(9, 13, 23, 2.0, torch.float64, device, return_all=return_all, checkpoint=checkpoint,
+                activation=activation)
 
 
 def test_checkpoint_saves_fewer_states():
@@ -131,56 +214,60 @@ def test_batch_dims_are_flattened(device):
     torch.testing.assert_close(y.reshape(5, 6, 5), ref.leaky_stack(x0, W, r, 1.0, return_all=True))
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_leaky_layer_matches_reference(dtype, device):
+def test_leaky_layer_matches_reference(dtype, activation, device):
     x, W, r = make_stack(50, 9, 1, dtype=torch.float64)
     leaves = [x, W[0], r[0].clone()]
-    want = ref.leaky_layer(*[t.requires_grad_() for t in leaves], 2.0)
+    want = ref.leaky_layer(*[t.requires_grad_() for t in leaves], 2.0, activation=activation)
     gout = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, leaves, gout)
     got_leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in leaves]
-    got = lc.leaky_layer(*got_leaves, 2.0)
+    got = lc.leaky_layer(*got_leaves, 2.0, activation=activation)
     got_grads = torch.autograd.grad(got, got_leaves, gout.to(device=device, dtype=dtype))
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.double().cpu(), want.detach(), **tol)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a.double().cpu(), b, **tol)
     # rho_l as a plain number
-    torch.testing.assert_close(lc.leaky_layer(got_leaves[0], got_leaves[1], float(r[0]), 2.0), got)
+    torch.testing.assert_close(lc.leaky_layer(got_leaves[0], got_leaves[1], float(r[0]), 2.0, activation=activation), got)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("return_all,checkpoint", [(False, 1), (False, 2), (True, 1)])
-def test_gradcheck_stack(return_all, checkpoint, device):
+def test_gradcheck_stack(return_all, checkpoint, activation, device):
     x0, W, r = make_stack(3, 4, 5, device=device, seed=3)
     args = [t.requires_grad_() for t in (x0, W, r)]
-    f = lambda a, b, c: lc.leaky_stack(a, b, c, 1.5, return_all=return_all, checkpoint=checkpoint)
+    f = lambda a, b, c: lc.leaky_stack(a, b, c, 1.5, return_all=return_all, checkpoint=checkpoint, activation=activation)
     assert torch.autograd.gradcheck(f, args)
 
 
-def test_gradcheck_layer(device):
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_layer(activation, device):
     x0, W, r = make_stack(4, 3, 1, device=device, seed=4)
     args = [x0.requires_grad_(), W[0].clone().requires_grad_(), r[0].clone().requires_grad_()]
-    assert torch.autograd.gradcheck(lambda a, b, c: lc.leaky_layer(a, b, c, 0.7), args)
+    assert torch.autograd.gradcheck(lambda a, b, c: lc.leaky_layer(a, b, c, 0.7, activation=activation), args)
 
 
-def opcheck_cases(device):
+def opcheck_cases(device, activation):
     x0, W, r = make_stack(5, 4, 6, device=device, seed=5)
-    out, states = ops.leaky_stack(x0, W, r, 1.0, False, 2)
+    out, states = ops.leaky_stack(x0, W, r, 1.0, False, 2, activation)
     g, g_all = torch.randn_like(out), torch.randn(7, 5, 4, dtype=x0.dtype, device=device)
     return [
-        (ops.leaky_stack, (x0, W, r, 1.0, False, 1)),
-        (ops.leaky_stack, (x0, W, r, 1.0, False, 2)),
-        (ops.leaky_stack, (x0, W, r, 1.0, True, 1)),
-        (ops.leaky_stack_backward, (g, states, W, r, 1.0, 2)),
-        (ops.leaky_stack_backward, (g_all, torch.randn(7, 5, 4, dtype=x0.dtype, device=device), W, r, 1.0, 1)),
-        (ops.leaky_layer, (x0, W[0], r[0], 1.0)),
-        (ops.leaky_layer_backward, (g, x0, W[0], r[0], 1.0)),
+        (ops.leaky_stack, (x0, W, r, 1.0, False, 1, activation)),
+        (ops.leaky_stack, (x0, W, r, 1.0, False, 2, activation)),
+        (ops.leaky_stack, (x0, W, r, 1.0, True, 1, activation)),
+        (ops.leaky_stack_backward, (g, states, W, r, 1.0, 2, activation)),
+        (ops.leaky_stack_backward, (g_all, torch.randn(7, 5, 4, dtype=x0.dtype, device=device), W, r, 1.0, 1, activation)),
+        (ops.leaky_layer, (x0, W[0], r[0], 1.0, activation)),
+        (ops.leaky_layer_backward, (g, x0, W[0], r[0], 1.0, activation)),
     ]
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(requires_grad, device):
-    for op, args in opcheck_cases(device):
+def test_opcheck(requires_grad, activation, device):
+    for op, args in opcheck_cases(device, activation):
         args = tuple(a.clone().requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
         backward_op = op in (ops.leaky_stack_backward, ops.leaky_layer_backward)
         # The backward ops refuse to be differentiated (test_double_backward_is_refused), so with
@@ -374,6 +461,12 @@ def test_aten_gemm_fallback_matches_reference():
         "    gs = torch.autograd.grad((y * y).sum(), (x0, W, rho))\n"
         "    if f is lc.leaky_stack: got = (y, *gs)\n"
         "for a, b in zip(got, (y, *gs)): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)\n"
+        "with torch.no_grad(): W[2, 3, 4] = float('inf')\n"  # drho's exact <G, P> form on this path too
+        "for f in (lc.leaky_stack, ref.leaky_stack):\n"
+        "    y = f(x0, W, rho, 2.0)\n"
+        "    gs = torch.autograd.grad(y.sum(), (x0, W, rho))\n"
+        "    if f is lc.leaky_stack: got = (y, *gs)\n"
+        "for a, b in zip(got, (y, *gs)): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, equal_nan=True)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, LEAKYCUDA_CPU_ATEN_GEMM="1")

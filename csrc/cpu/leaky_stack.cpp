@@ -14,6 +14,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -103,24 +104,37 @@ std::vector<at::Tensor> chunk_views(const at::Tensor& buf, const RowChunks& ch) 
   return v;
 }
 
-// S = sigma(X) = [relu(X), 1] as an [n, w+1] buffer; the ones column is written once.
+// S = sigma(X) = [act(X), 1] as an [n, w+1] buffer; the ones column is written once.
 template <typename scalar_t>
 void fill_ones_column(scalar_t* S, int64_t n, int64_t w) {
   for (int64_t i = 0; i < n; ++i) S[i * (w + 1) + w] = scalar_t(1);
 }
 
+// relu as torch.relu computes it: NaN stays NaN (x < 0 is false for NaN).
 template <typename scalar_t>
-void relu_rows(const scalar_t* __restrict__ X, scalar_t* __restrict__ S, int64_t n, int64_t w) {
+inline scalar_t relu(scalar_t x) {
+  return x < scalar_t(0) ? scalar_t(0) : x;
+}
+
+// The activation of sigma: relu, or the identity for kLinear.
+template <Activation kAct, typename scalar_t>
+inline scalar_t act(scalar_t x) {
+  if constexpr (kAct == Activation::kRelu) return relu(x);
+  else return x;
+}
+
+template <Activation kAct, typename scalar_t>
+void act_rows(const scalar_t* __restrict__ X, scalar_t* __restrict__ S, int64_t n, int64_t w) {
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* x = X + i * w;
     scalar_t* s = S + i * (w + 1);
-    for (int64_t j = 0; j < w; ++j) s[j] = x[j] > scalar_t(0) ? x[j] : scalar_t(0);
+    for (int64_t j = 0; j < w; ++j) s[j] = act<kAct>(x[j]);
   }
 }
 
 // Forward epilogue of one layer: Xn = c*X + r*P (P = sigma(X) W^T, bias included) and S = sigma(Xn).
-template <typename scalar_t>
-void leak_relu_rows(const scalar_t* __restrict__ X, const scalar_t* __restrict__ P, scalar_t* __restrict__ Xn,
+template <Activation kAct, typename scalar_t>
+void leak_act_rows(const scalar_t* __restrict__ X, const scalar_t* __restrict__ P, scalar_t* __restrict__ Xn,
                     scalar_t* __restrict__ S, int64_t n,
                     int64_t w, scalar_t c, scalar_t r) {
   for (int64_t i = 0; i < n; ++i) {
@@ -131,7 +145,7 @@ void leak_relu_rows(const scalar_t* __restrict__ X, const scalar_t* __restrict__
     for (int64_t j = 0; j < w; ++j) {
       const scalar_t v = c * x[j] + r * p[j];
       xn[j] = v;
-      s[j] = v > scalar_t(0) ? v : scalar_t(0);
+      s[j] = act<kAct>(v);
     }
   }
 }
@@ -146,14 +160,15 @@ inline double sum_lanes(const double* acc) {
   return total;
 }
 
-// u where x > 0, else +0: a bit mask instead of a branch (compilers keep a select of a loaded value
-// as a branch, which mispredicts on relu patterns and blocks vectorization).
+// relu's backward as torch computes it (threshold_backward on relu's output): u unless x <= 0, else
+// +0, so the gradient passes where x is NaN. A bit mask instead of a branch (compilers keep a
+// select of a loaded value as a branch, which mispredicts on relu patterns and blocks vectorization).
 template <typename scalar_t>
 inline scalar_t keep_if_positive(scalar_t x, scalar_t u) {
   using bits_t = std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>;
   bits_t b;
   std::memcpy(&b, &u, sizeof b);
-  b &= bits_t(0) - bits_t(x > scalar_t(0));
+  b &= bits_t(0) - bits_t(!(x <= scalar_t(0)));
   std::memcpy(&u, &b, sizeof b);
   return u;
 }
@@ -169,26 +184,51 @@ double dot_lanes(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
   return sum_lanes(acc);
 }
 
-// Backward epilogue of one layer, in place on G: G <- c*G + r*U*1[X > 0] (+ extra, the loss
-// gradient of X_{l-1} when every representation is an output). Returns <G_in, X> for drho.
-// The dot and the (branch-free) update are separate loops over the cached chunk so each vectorizes.
-template <bool kExtra, typename scalar_t>
+// Whether `size` values are all finite: sum of v * 0 in lanes (NaN exactly when some v is NaN or
+// inf), so it vectorizes.
+template <typename scalar_t>
+bool all_finite(const scalar_t* __restrict__ V, int64_t size) {
+  double acc[kLanes] = {};
+  int64_t i0 = 0;
+  for (; i0 + kLanes <= size; i0 += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += double(V[i0 + k]) * 0.0;
+  for (int64_t k = 0; i0 + k < size; ++k) acc[k] += double(V[i0 + k]) * 0.0;
+  return sum_lanes(acc) == 0.0;
+}
+
+// Backward epilogue of one layer, in place on G: G <- c*G + r*act'(X)*U, act'(X) = 1[!(X <= 0)] for
+// relu and 1 for kLinear (+ extra, the loss gradient of X_{l-1} when every representation is an
+// output). A branch-free loop over the cached chunk, so it vectorizes.
+template <Activation kAct, bool kExtra, typename scalar_t>
 void mask_leak_update(scalar_t* __restrict__ G, const scalar_t* __restrict__ U, const scalar_t* __restrict__ X,
                       const scalar_t* __restrict__ extra, int64_t size, scalar_t c, scalar_t r) {
   for (int64_t i = 0; i < size; ++i) {
-    scalar_t v = c * G[i] + r * keep_if_positive(X[i], U[i]);
+    scalar_t v;
+    if constexpr (kAct == Activation::kRelu) v = c * G[i] + r * keep_if_positive(X[i], U[i]);
+    else v = c * G[i] + r * U[i];
     if constexpr (kExtra) v += extra[i];
     G[i] = v;
   }
 }
 
+template <Activation kAct, typename scalar_t>
+void mask_leak_rows(scalar_t* G, const scalar_t* U, const scalar_t* X, const scalar_t* extra, int64_t n,
+                    int64_t w, scalar_t c, scalar_t r) {
+  if (extra) mask_leak_update<kAct, true>(G, U, X, extra, n * w, c, r);
+  else mask_leak_update<kAct, false>(G, U, X, extra, n * w, c, r);
+}
+
+// <G, S W_l^T> over one chunk (G [n, w], S [n, w+1]), the GEMM into a scratch buffer: the form of
+// drho's first term that the reference computes, for chunks holding NaN/inf.
 template <typename scalar_t>
-double mask_leak_rows(scalar_t* G, const scalar_t* U, const scalar_t* X, const scalar_t* extra, int64_t n,
-                      int64_t w, scalar_t c, scalar_t r) {
-  const double dot = dot_lanes(G, X, n * w);
-  if (extra) mask_leak_update<true>(G, U, X, extra, n * w, c, r);
-  else mask_leak_update<false>(G, U, X, extra, n * w, c, r);
-  return dot;
+double dot_G_P(const scalar_t* G, const scalar_t* S, const scalar_t* Wl, int64_t n, int64_t w,
+               const at::Tensor& Wlt) {
+  at::Tensor P = at::empty({n, w}, Wlt.options());
+  if (!gemm_rm<scalar_t>('N', 'T', n, w, w + 1, S, w + 1, Wl, w + 1, P.data_ptr<scalar_t>(), w)) {
+    const auto opt = Wlt.options();
+    at::mm_out(P, at::from_blob(const_cast<scalar_t*>(S), {n, w + 1}, opt), Wlt);
+  }
+  return dot_lanes(G, P.data_ptr<scalar_t>(), n * w);
 }
 
 // dW_l = r * sum_c Tp[c] over elements [i0, i1) (chunks in order); returns <sum_c Tp[c], W_l> there.
@@ -210,7 +250,7 @@ double reduce_dW(const scalar_t* __restrict__ Tp, int64_t count, int64_t stride,
 }
 
 // The stack's inputs and the per-chunk work buffers shared by forward and backward.
-template <typename scalar_t>
+template <Activation kAct, typename scalar_t>
 struct Stack {
   int64_t L, N, w;
   double Lt;
@@ -241,14 +281,14 @@ struct Stack {
     const int64_t r0 = ch.begin(c), n = ch.size(c, N);
     scalar_t* Sp = S.data_ptr<scalar_t>() + r0 * (w + 1);
     const scalar_t* Pp = P.data_ptr<scalar_t>() + r0 * w;
-    relu_rows(X, Sp, n, w);
+    act_rows<kAct>(X, Sp, n, w);
     for (int64_t l = l0; l < l1; ++l) {
       if (!gemm_rm<scalar_t>('N', 'T', n, w, w + 1, Sp, w + 1, Wp + l * w * (w + 1), w + 1,
                              P.data_ptr<scalar_t>() + r0 * w, w))
         at::mm_out(P_c[c], S_c[c], Wt[l]);
       scalar_t* Xn = dest(l + 1) + r0 * w;
       const double r = double(rho[l]);
-      leak_relu_rows(X, Pp, Xn, Sp, n, w, scalar_t(1.0 - r * Lt), scalar_t(r));
+      leak_act_rows<kAct>(X, Pp, Xn, Sp, n, w, scalar_t(1.0 - r * Lt), scalar_t(r));
       X = Xn;
     }
   }
@@ -262,11 +302,11 @@ struct Stack {
   }
 };
 
-template <typename scalar_t>
+template <Activation kAct, typename scalar_t>
 void stack_forward(const at::Tensor& x0, const at::Tensor& W, const at::Tensor& rho, double Lt,
                    bool return_all, int64_t k, at::Tensor& out, at::Tensor& states) {
   const int64_t N = x0.size(0), w = x0.size(1);
-  Stack<scalar_t> st(W, rho, Lt, N, x0.options());
+  Stack<kAct, scalar_t> st(W, rho, Lt, N, x0.options());
   const int64_t L = st.L;
   if (return_all) {
     out[0].copy_(x0);
@@ -290,7 +330,7 @@ void stack_forward(const at::Tensor& x0, const at::Tensor& W, const at::Tensor& 
   });
 }
 
-template <typename scalar_t>
+template <Activation kAct, typename scalar_t>
 void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::Tensor& W,
                     const at::Tensor& rho, double Lt, int64_t k, at::Tensor& dx0, at::Tensor& dW,
                     at::Tensor& drho) {
@@ -299,7 +339,7 @@ void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::
   // dx0 doubles as the running gradient G = dC/dX_l.
   dx0.copy_(per_layer ? grad[W.size(0)] : grad);
   if (W.size(0) == 0) return;
-  Stack<scalar_t> st(W, rho, Lt, N, grad.options());
+  Stack<kAct, scalar_t> st(W, rho, Lt, N, grad.options());
   const int64_t L = st.L, count = st.ch.count;
   scalar_t* G = dx0.data_ptr<scalar_t>();
   const scalar_t* gbase = per_layer ? grad.data_ptr<scalar_t>() : nullptr;
@@ -307,7 +347,9 @@ void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::
   // T_c[c] = chunk c's share of T = G^T sigma(X_{l-1}); gx[c] its share of <G, X_{l-1}>.
   at::Tensor Tp = at::empty({count, w, w + 1}, grad.options());
   for (int64_t c = 0; c < count; ++c) G_cT.push_back(G_c[c].t()), T_c.push_back(Tp[c]);
-  std::vector<double> gx(count);
+  std::vector<double> gx(count), gp(count);
+  std::vector<char> exact(count);
+
   // seg[i] holds the recomputed X_{s+i} of the current segment (i >= 1); X_s comes from states.
   at::Tensor seg = at::empty({k > 1 ? k : 0, N, w}, grad.options());
   advise_huge_pages(seg);
@@ -326,18 +368,26 @@ void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::
       const scalar_t* Xp = l - 1 == s ? Xs : segp + (l - 1 - s) * N * w;
       const double rl = double(st.rho[l - 1]);
       const scalar_t* extra = per_layer ? gbase + (l - 1) * N * w : nullptr;
+      const bool W_finite = all_finite(Wp + (l - 1) * WW, WW);
       at::parallel_for(0, count, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t r0 = st.ch.begin(c), n = st.ch.size(c, N);
-          relu_rows(Xp + r0 * w, st.S.template data_ptr<scalar_t>() + r0 * (w + 1), n, w);
+          act_rows<kAct>(Xp + r0 * w, st.S.template data_ptr<scalar_t>() + r0 * (w + 1), n, w);
           scalar_t* Sc = st.S.template data_ptr<scalar_t>() + r0 * (w + 1);
           scalar_t* Uc = st.P.template data_ptr<scalar_t>() + r0 * w;
           if (!gemm_rm<scalar_t>('T', 'N', w, w + 1, n, G + r0 * w, w, Sc, w + 1, T_c[c].template data_ptr<scalar_t>(), w + 1))
             at::mm_out(T_c[c], G_cT[c], st.S_c[c]);
           if (!gemm_rm<scalar_t>('N', 'N', n, w, w, G + r0 * w, w, Wp + (l - 1) * WW, w + 1, Uc, w))
             at::mm_out(st.P_c[c], G_c[c], st.V[l - 1]);  // U = G V_l
-          gx[c] = mask_leak_rows(G + r0 * w, st.P.template data_ptr<scalar_t>() + r0 * w, Xp + r0 * w,
-                                 extra ? extra + r0 * w : nullptr, n, w, scalar_t(1.0 - rl * Lt), scalar_t(rl));
+          gx[c] = dot_lanes(G + r0 * w, Xp + r0 * w, n * w);
+          // drho_l = <G, P> - Lt <G, X_{l-1}> (P = sigma(X_{l-1}) W_l^T) is formed below as <T, W_l> -
+          // Lt <G, X_{l-1}>, equal in exact arithmetic; with NaN/inf in the chunk's G or X (then gx is
+          // not finite) or in W_l the two forms can differ (inf vs NaN), so such a chunk forms <G, P>
+          // itself, as the reference does.
+          exact[c] = !std::isfinite(gx[c]) || !W_finite;
+          if (exact[c]) gp[c] = dot_G_P(G + r0 * w, Sc, Wp + (l - 1) * WW, n, w, st.Wt[l - 1]);
+          mask_leak_rows<kAct>(G + r0 * w, Uc, Xp + r0 * w, extra ? extra + r0 * w : nullptr, n, w,
+                         scalar_t(1.0 - rl * Lt), scalar_t(rl));
         }
       });
       // dW_l = rho_l * sum_c Tp[c] and <T, W_l>, over fixed element blocks, chunks in order.
@@ -349,10 +399,14 @@ void stack_backward(const at::Tensor& grad, const at::Tensor& states, const at::
         for (int64_t b = b0; b < b1; ++b)
           tw[b] = reduce_dW(Tpp, count, WW, Wl, dWl, b * B, std::min(WW, (b + 1) * B), rl);
       });
-      double twsum = 0.0, gxsum = 0.0;
+      double twsum = 0.0, gxsum = 0.0, gpsum = 0.0;
+      bool any_exact = false;
       for (double v : tw) twsum += v;
       for (double v : gx) gxsum += v;
-      drho.data_ptr<scalar_t>()[l - 1] = scalar_t(twsum - Lt * gxsum);
+      // Chunks without NaN/inf add finite amounts, which leave a non-finite sum as it is.
+      for (int64_t c = 0; c < count; ++c)
+        if (exact[c]) any_exact = true, gpsum += gp[c];
+      drho.data_ptr<scalar_t>()[l - 1] = scalar_t((any_exact ? gpsum : twsum) - Lt * gxsum);
     }
   }
 }
@@ -366,8 +420,7 @@ std::tuple<at::Tensor, at::Tensor> leaky_stack_cpu(const at::Tensor& x0_in, cons
                                                    const c10::optional<at::Tensor>& model_Lt) {
   const auto d = check_stack_args(x0_in, W_in, rho_in, Lt, checkpoint, activation, model_Lt,
                                   /*allow_half=*/false);
-  TORCH_CHECK_VALUE(d.act == Activation::kRelu && !d.models,
-              "leaky_stack on CPU: only activation=\"relu\" and one model are implemented so far");
+  TORCH_CHECK_VALUE(!d.models, "leaky_stack on CPU: B models are not implemented yet");
   check_rho_values(rho_in);
   check_model_Lt_values(model_Lt);
   // The GEMMs below write into preallocated buffers: keep autograd out of them.
@@ -379,7 +432,9 @@ std::tuple<at::Tensor, at::Tensor> leaky_stack_cpu(const at::Tensor& x0_in, cons
   advise_huge_pages(out);
   advise_huge_pages(states);
   AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "leaky_stack_cpu", [&] {
-    stack_forward<scalar_t>(x0, W, rho, Lt, return_all, checkpoint, out, states);
+    visit_activation(d.act, [&](auto kAct) {
+      stack_forward<decltype(kAct)::value, scalar_t>(x0, W, rho, Lt, return_all, checkpoint, out, states);
+    });
   });
   return {out, states};
 }
@@ -390,8 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_stack_backward_cpu(
     const c10::optional<at::Tensor>& model_Lt) {
   const auto d = check_stack_backward_args(grad_in, states_in, W_in, rho_in, Lt, checkpoint, activation,
                                            model_Lt, /*allow_half=*/false);
-  TORCH_CHECK_VALUE(d.act == Activation::kRelu && !d.models,
-              "leaky_stack_backward on CPU: only activation=\"relu\" and one model are implemented so far");
+  TORCH_CHECK_VALUE(!d.models, "leaky_stack_backward on CPU: B models are not implemented yet");
   check_rho_values(rho_in);
   check_model_Lt_values(model_Lt);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -402,7 +456,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_stack_backward_cpu(
   if (d.N == 0) return {dx0, dW.zero_(), drho.zero_()};
   advise_huge_pages(dW);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "leaky_stack_backward_cpu", [&] {
-    stack_backward<scalar_t>(grad, states, W, rho, Lt, checkpoint, dx0, dW, drho);
+    visit_activation(d.act, [&](auto kAct) {
+      stack_backward<decltype(kAct)::value, scalar_t>(grad, states, W, rho, Lt, checkpoint, dx0, dW, drho);
+    });
   });
   return {dx0, dW, drho};
 }
