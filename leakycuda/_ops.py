@@ -43,15 +43,14 @@ def _leaky_stack_setup(ctx, inputs, output):
     out, states = output
     ctx.mark_non_differentiable(states)
     ctx.Lt, ctx.activation = Lt, activation
-    ctx.model_Lt = model_Lt
     # With every X_l returned, backward reads them from the output itself (interval 1).
     ctx.k = 1 if return_all else checkpoint
-    ctx.save_for_backward(out if return_all else states, W, rho)
+    ctx.save_for_backward(out if return_all else states, W, rho, model_Lt)
 
 
 def _leaky_stack_grad(ctx, dout, dstates):
-    saved, W, rho = ctx.saved_tensors
-    dx0, dW, drho = ops.leaky_stack_backward(dout, saved, W, rho, ctx.Lt, ctx.k, ctx.activation, ctx.model_Lt)
+    saved, W, rho, model_Lt = ctx.saved_tensors
+    dx0, dW, drho = ops.leaky_stack_backward(dout, saved, W, rho, ctx.Lt, ctx.k, ctx.activation, model_Lt)
     return dx0, dW, drho, None, None, None, None, None
 
 

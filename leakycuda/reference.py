@@ -22,7 +22,15 @@ def leaky_layer(x, W_l, rho_l, Lt, *, activation="relu"):
 
 
 def leaky_stack(x0, W, rho, Lt, *, return_all=False, activation="relu"):
-    """The stack of L leaky layers: x0 [N, w], W [L, w, w+1], rho [L] -> X_L [N, w] or all [L+1, N, w]."""
+    """The stack of L leaky layers: x0 [N, w], W [L, w, w+1], rho [L] -> X_L [N, w] or all [L+1, N, w].
+
+    B models (W [B, L, w, w+1]): x0 [B, N, w], rho [B, L], Lt a float or one per model ([B]); model
+    b's stack runs on x0[b] -> [B, N, w] or [B, L+1, N, w].
+    """
+    if W.dim() == 4:
+        Lts = Lt if isinstance(Lt, (torch.Tensor, list, tuple)) else [Lt] * W.shape[0]
+        return torch.stack([leaky_stack(x0[b], W[b], rho[b], float(Lts[b]), return_all=return_all,
+                                        activation=activation) for b in range(W.shape[0])])
     xs = [x0]
     for l in range(W.shape[0]):
         xs.append(leaky_layer(xs[-1], W[l], rho[l], Lt, activation=activation))

@@ -472,3 +472,184 @@ def test_aten_gemm_fallback_matches_reference():
     env = dict(os.environ, LEAKYCUDA_CPU_ATEN_GEMM="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+# -- B models in one call (a 4-D W) ----------------------------------------------------------------
+
+
+def make_models(B, N, w, L, *, seed=0, dtype=torch.float64, device="cpu"):
+    """B independent stacks (make_stack with seeds seed..seed+B-1) stacked: x0 [B,N,w], W [B,L,w,w+1], rho [B,L]."""
+    parts = [make_stack(N, w, L, seed=seed + b, dtype=dtype, device=device) for b in range(B)]
+    return [torch.stack(ts) for ts in zip(*parts)]
+
+
+def model_Lts(B, device="cpu"):
+    return torch.linspace(0.5, 4.0, B, dtype=torch.float64, device=device)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("per_model_Lt", [False, True])
+@pytest.mark.parametrize("return_all,checkpoint", [(False, None), (False, 3), (True, None), (False, "sqrt")])
+@pytest.mark.parametrize("B,N,w,L", [(3, 40, 7, 12), (2, 1000, 33, 5), (4, 3, 5, 150)])
+def test_models_match_the_reference_per_model(B, N, w, L, return_all, checkpoint, per_model_Lt, activation, device):
+    """Output and every gradient (dx0, dW, drho) of each model against its own float64 reference."""
+    x0, W, r = make_models(B, N, w, L, device=device)
+    Lt = model_Lts(B, device) if per_model_Lt else 2.5
+    gout = torch.randn((B, L + 1, N, w) if return_all else (B, N, w), dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(9))
+    got, got_grads = fused_and_grads(x0, W, r, Lt, gout.to(device), return_all, checkpoint, activation)
+    for b in range(B):
+        Lt_b = float(Lt[b]) if per_model_Lt else Lt
+        want, want_grads = reference_and_grads(x0[b], W[b], r[b], Lt_b, gout[b], return_all, activation)
+        assert_close_to_reference(got[b], want, name=f"out[{b}]")
+        for name, a, c in zip(["dx0", "dW", "drho"], got_grads, want_grads):
+            assert_close_to_reference(a[b], c, name=f"{name}[{b}]")
+
+
+@pytest.mark.parametrize("return_all,checkpoint", [(False, None), (True, None), (False, 4)])
+def test_models_equal_separate_calls_bitwise(return_all, checkpoint, device):
+    """The result of B models is the one each model gets alone, to the bit (same chunks, same
+    summation order), float32 and per-model Lt included; B = 1 is the single op."""
+    x0, W, r = make_models(4, 300, 20, 9, dtype=torch.float32, device=device)
+    Lt = model_Lts(4, device)
+    gout = torch.randn((4, 10, 300, 20) if return_all else (4, 300, 20), device=device)
+    got, got_grads = fused_and_grads(x0, W, r, Lt, gout, return_all, checkpoint)
+    for b in range(4):
+        one, one_grads = fused_and_grads(x0[b], W[b], r[b], float(Lt[b]), gout[b], return_all, checkpoint)
+        for a, c in zip([got, *got_grads], [one, *one_grads]):
+            assert torch.equal(a[b], c)
+    one, one_grads = fused_and_grads(x0[:1], W[:1], r[:1], 1.5, gout[:1], return_all, checkpoint)
+    single, single_grads = fused_and_grads(x0[0], W[0], r[0], 1.5, gout[0], return_all, checkpoint)
+    for a, c in zip([one, *one_grads], [single, *single_grads]):
+        assert a.shape[0] == 1 and torch.equal(a[0], c)
+
+
+def test_models_do_not_depend_on_the_thread_count():
+    x0, W, r = make_models(3, 700, 24, 6, dtype=torch.float32)
+    gout = torch.randn(3, 700, 24)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got, grads = fused_and_grads(x0, W, r, model_Lts(3), gout, False, 2)
+            results.append([got, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_padded_depths_batch_stacks_of_different_depth(device):
+    """rho_l = 0 makes layer l the identity: a model of depth 4 padded to 9 layers gives the depth-4
+    stack's output and gradients, and its padding weights get zero gradient."""
+    x0, W, r = make_models(2, 30, 6, 9, device=device)
+    r[1, 4:] = 0.0
+    gout = torch.randn(2, 30, 6, dtype=torch.float64, device=device)
+    got, (dx0, dW, drho) = fused_and_grads(x0, W, r, torch.tensor([2.0, 3.0], dtype=torch.float64), gout, False, 3)
+    want, (wdx0, wdW, wdrho) = reference_and_grads(x0[1], W[1, :4], r[1, :4], 3.0, gout[1], False)
+    assert_close_to_reference(got[1], want, name="out")
+    assert_close_to_reference(dx0[1], wdx0, name="dx0")
+    assert_close_to_reference(dW[1, :4], wdW, name="dW")
+    assert_close_to_reference(drho[1, :4], wdrho, name="drho")
+    assert torch.equal(dW[1, 4:], torch.zeros_like(dW[1, 4:]))
+    all_layers = lc.leaky_stack(x0, W, r, 3.0, return_all=True)
+    assert torch.equal(all_layers[1, 5:], all_layers[1, 4:5].expand(5, 30, 6))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_models(activation, device):
+    x0, W, r = make_models(2, 3, 4, 5, device=device, seed=11)
+    args = [t.requires_grad_() for t in (x0, W, r)]
+    Lt = torch.tensor([0.7, 2.0], dtype=torch.float64, device=device)
+    for return_all, k in [(False, 2), (True, None)]:
+        f = lambda a, b, c: lc.leaky_stack(a, b, c, Lt, return_all=return_all, checkpoint=k, activation=activation)
+        assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_models(requires_grad, activation, device):
+    x0, W, r = make_models(3, 5, 4, 6, device=device, seed=5)
+    Lt = model_Lts(3, device)
+    out, states = ops.leaky_stack(x0, W, r, 0.0, False, 2, activation, Lt)
+    g_all = torch.randn(3, 7, 5, 4, dtype=x0.dtype, device=device)
+    cases = [
+        (ops.leaky_stack, (x0, W, r, 1.0, False, 1, activation, None)),
+        (ops.leaky_stack, (x0, W, r, 0.0, False, 2, activation, Lt)),
+        (ops.leaky_stack, (x0, W, r, 0.0, True, 1, activation, Lt)),
+        (ops.leaky_stack_backward, (torch.randn_like(out), states, W, r, 0.0, 2, activation, Lt)),
+        (ops.leaky_stack_backward, (g_all, torch.randn_like(g_all), W, r, 1.5, 1, activation, None)),
+    ]
+    for op, args in cases:
+        # model_Lt (Lt here) is not differentiable: it keeps requires_grad off.
+        args = tuple(a.clone().requires_grad_(requires_grad and a is not Lt) if isinstance(a, torch.Tensor) else a
+                     for a in args)
+        utils = ("test_schema", "test_faketensor") if op is ops.leaky_stack_backward and requires_grad else None
+        torch.library.opcheck(op, args, **({"test_utils": utils} if utils else {}))
+
+
+def test_models_compile_fullgraph():
+    f = torch.compile(lambda a, b, c, Lt: lc.leaky_stack(a, b, c, Lt, checkpoint=2).square().sum(), fullgraph=True)
+    x0, W, r = make_models(3, 8, 5, 4)
+    Lt = model_Lts(3)
+    got_leaves = [t.clone().requires_grad_() for t in (x0, W, r)]
+    want_leaves = [t.clone().requires_grad_() for t in (x0, W, r)]
+    got, want = f(*got_leaves, Lt), ref.leaky_stack(*want_leaves, Lt).square().sum()
+    got.backward(), want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got_leaves, want_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_models_batch_dims_and_meta_shapes():
+    x0, W, r = make_models(2, 6, 5, 4)
+    y = lc.leaky_stack(x0.reshape(2, 2, 3, 5), W, r, 1.0, return_all=True)
+    assert y.shape == (2, 5, 2, 3, 5)
+    torch.testing.assert_close(y.reshape(2, 5, 6, 5), ref.leaky_stack(x0, W, r, 1.0, return_all=True))
+    m = [t.to("meta") for t in (x0, W, r)]
+    out, states = ops.leaky_stack(*m, 1.0, False, 3)
+    assert out.shape == (2, 6, 5) and states.shape == (2, 2, 6, 5)
+    grads = ops.leaky_stack_backward(out, states, *m[1:], 1.0, 3)
+    assert [t.shape for t in grads] == [(2, 6, 5), (2, 4, 5, 6), (2, 4)]
+
+
+def test_models_zero_models_and_zero_layers():
+    x0, W, r = make_models(2, 3, 4, 0)
+    y = lc.leaky_stack(x0.requires_grad_(), W, r, 1.0)
+    torch.testing.assert_close(y, x0)
+    (g,) = torch.autograd.grad(y.sum(), x0)
+    torch.testing.assert_close(g, torch.ones_like(x0))
+    e = [t[:0] for t in make_models(2, 3, 4, 5)]
+    assert lc.leaky_stack(*e, 1.0, return_all=True).shape == (0, 6, 3, 4)
+
+
+def test_models_bad_inputs():
+    x0, W, r = make_models(3, 5, 4, 6)
+    f = lc.leaky_stack
+    bad(lambda: f(x0[0], W, r, 1.0), r"x0 must be \[B, N, w\] \(B models: W is 4-D\) \(3 dimensions\), got shape \[5, 4\]")
+    bad(lambda: f(x0[:2], W, r, 1.0), r"W must be \[B, L, w, w\+1\] with B and w of x0 \[B, N, w\] = \[2, 6, 4, 5\], got \[3, 6, 4, 5\]")
+    bad(lambda: f(x0, W, r[:2], 1.0), r"rho must be \[B, L\], one step per layer of each model = \[3, 6\], got \[2, 6\]")
+    bad(lambda: f(x0, W, r[0], 1.0), r"rho must be \[B, L\].* got \[6\]")
+    bad(lambda: f(x0, W, r, [1.0, 2.0]), r"model_Lt must be \[B\], one Lt per model = \[3\], got \[2\]")
+    bad(lambda: f(x0, W, r, torch.ones(3, 1)), r"Lt must be a real number or one per model, \[B\], got shape \(3, 1\)")
+    bad(lambda: f(x0, W, r, [1.0, float("nan"), 2.0]), r"model_Lt must hold finite effective depths, got model_Lt\[1\] = nan")
+    bad(lambda: f(x0, W, r, "2"), r"Lt must be a real number or one per model", TypeError)
+    bad(lambda: f(x0[0], W[0], r[0], [1.0, 2.0]), r"Lt must be a single number", ValueError)
+    r2 = r.clone()
+    r2[2, 3] = -0.5
+    bad(lambda: f(x0, W, r2, 1.0), r"rho must hold finite steps rho_l >= 0, got rho\[2, 3\] = -0.5")
+    bad(lambda: ops.leaky_stack(x0[0], W[0], r[0], 1.0, False, 1, "relu", torch.ones(1, dtype=torch.float64)),
+        r"model_Lt \(a per-model Lt\) needs B models \(a 4-D W \[B, L, w, w\+1\]\)")
+    bad(lambda: ops.leaky_stack(x0, W, r, 1.0, False, 1, "relu", torch.ones(3)), r"model_Lt must be a float64 tensor \[B\], got Float", TypeError)
+    out, states = ops.leaky_stack(x0, W, r, 1.0, False, 2)
+    bad(lambda: ops.leaky_stack_backward(out[0], states, W, r, 1.0, 2), r"grad must be \[B, N, w\] \(of X_L\) or \[B, L\+1, N, w\]")
+    bad(lambda: ops.leaky_stack_backward(out[:2], states, W, r, 1.0, 2), r"grad must be \[B, N, w\] = \[3, 5, 4\] \(from W \[3, 6, 4, 5\]\), got \[2, 5, 4\]")
+    bad(lambda: ops.leaky_stack_backward(out, states[:, :2], W, r, 1.0, 2), r"states must hold the ceil\(L/k\) = 3 saved representations \[B, 3\+, 5, 4\]")
+    bad(lambda: ops.leaky_stack_backward(out, states[:2], W, r, 1.0, 2), r"states must hold")
+    # The same refusals under tracing, from the Meta kernel.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fx, fW, fr = (mode.from_tensor(t) for t in (x0, W, r))
+        bad(lambda: ops.leaky_stack(fx[:2], fW, fr, 1.0, False, 1), r"W must be \[B, L, w, w\+1\]")
+        bad(lambda: ops.leaky_stack(fx, fW, fr[:2], 1.0, False, 1), r"rho must be \[B, L\]")
