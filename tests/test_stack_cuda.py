@@ -63,23 +63,11 @@ def out_shape(x0, L, return_all):
     return (*lead, L + 1, N, w) if return_all else tuple(x0.shape)
 
 
-def model_Lts(W, Lt, model_Lt):
-    """Lt of each model (a list; one entry for one model)."""
-    if W.dim() == 3:
-        return [Lt]
-    return [Lt] * W.shape[0] if model_Lt is None else model_Lt.tolist()
-
-
 def reference(x0, W, rho, Lt, gout, *, return_all=False, activation="relu", model_Lt=None):
-    """Eager reference on the inputs' device and dtype, model by model: output and gradients of <out, gout>."""
+    """Eager reference on the inputs' device and dtype (model by model): output and gradients of <out, gout>."""
     leaves = [t.detach().clone().requires_grad_() for t in (x0, W, rho)]
-    Lts = model_Lts(W, Lt, model_Lt)
-    if W.dim() == 3:
-        out = ref.leaky_stack(*leaves, Lts[0], return_all=return_all, activation=activation)
-    else:
-        out = torch.stack([ref.leaky_stack(leaves[0][b], leaves[1][b], leaves[2][b], Lts[b],
-                                           return_all=return_all, activation=activation)
-                           for b in range(W.shape[0])])
+    Lts = Lt if model_Lt is None else model_Lt.tolist()
+    out = ref.leaky_stack(*leaves, Lts, return_all=return_all, activation=activation)
     grads = torch.autograd.grad(out, leaves, gout.to(out.dtype))
     return out.detach(), grads
 
@@ -358,12 +346,17 @@ def test_opcheck_models(activation, requires_grad):
 
 
 def test_public_api_activation_and_models(tf32):
-    """lc.leaky_stack with activation= and a 4-D W runs the same kernels as the op."""
+    """lc.leaky_stack with activation= and a 4-D W (one Lt, or one per model) runs the same kernels as the op."""
     tf32(False)
     x0, W, r = [t.cuda() for t in make_models(3, 11, 10, 5, seed=14)]
+    Lts = [0.5, 1.0, 2.0]
     for activation in ACTIVATIONS:
         got = lc.leaky_stack(x0, W, r, 2.0, activation=activation)
         want, _ = ops.leaky_stack(x0, W, r, 2.0, False, 1, activation, None)
+        assert torch.equal(got, want)
+        got = lc.leaky_stack(x0, W, r, Lts, activation=activation, checkpoint=2)
+        want, _ = ops.leaky_stack(x0, W, r, 0.0, False, 2, activation,
+                                  torch.tensor(Lts, dtype=torch.float64, device="cuda"))
         assert torch.equal(got, want)
 
 

@@ -48,8 +48,8 @@ std::tuple<Tensor, Tensor> leaky_stack_cuda(const Tensor& x0, const Tensor& W, c
   if (L == 0 || N == 0 || B == 0) return {out, states};
 
   const Launch c = make_launch(dims, Lt, mlt, x0);
-  with_act(dims.act, [&](auto act) {
-    stack_forward<decltype(act)::value>(c, x, Wc, rc, return_all, checkpoint, outB, statesB);
+  visit_activation(dims.act, [&](auto act) {
+    stack_forward<kernel_act(decltype(act)::value)>(c, x, Wc, rc, return_all, checkpoint, outB, statesB);
   });
   return {out, states};
 }
@@ -86,8 +86,8 @@ std::tuple<Tensor, Tensor, Tensor> leaky_stack_backward_cuda(const Tensor& grad,
   }
 
   const Launch c = make_launch(dims, Lt, mlt, grad);
-  with_act(dims.act, [&](auto act) {
-    stack_backward<decltype(act)::value>(c, per_layer, g, st, Wc, rc, mlt, checkpoint, dx0B, dWB, drhoB);
+  visit_activation(dims.act, [&](auto act) {
+    stack_backward<kernel_act(decltype(act)::value)>(c, per_layer, g, st, Wc, rc, mlt, checkpoint, dx0B, dWB, drhoB);
   });
   return {dx0, dW, drho};
 }

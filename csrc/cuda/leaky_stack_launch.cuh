@@ -107,11 +107,8 @@ template <typename S> bool uses_mma(bool tf32) { return std::is_same_v<S, float>
 
 template <class C> struct Tag { using type = C; };
 
-// Calls f(std::integral_constant<kernels::Act, ...>) for the activation of sigma.
-template <class F> void with_act(Activation act, F&& f) {
-  if (act == Activation::kLinear) f(std::integral_constant<k::Act, k::Act::kLinear>{});
-  else f(std::integral_constant<k::Act, k::Act::kRelu>{});
-}
+// The torch-free kernels' name of the op's activation (for visit_activation from leaky_stack.h).
+constexpr k::Act kernel_act(Activation act) { return act == Activation::kRelu ? k::Act::kRelu : k::Act::kLinear; }
 
 // Calls f(Tag<Core>{}) with the small-width core for storage type S, width bucket and row tiles mt.
 // The instances are the ones listed in kernels/leaky_stack_instances.cuh.
