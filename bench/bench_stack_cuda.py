@@ -33,11 +33,6 @@ def make_inputs(N, w, L, dtype, Lt=2.0, seed=0, B=None):
     return x0, W, rho, Lt, gout
 
 
-def stack_op(x0, W, rho, Lt, activation="relu", model_Lt=None):
-    """The fused op through its autograd registration (B models when W is 4-D; model_Lt: per-model Lt [B])."""
-    return torch.ops.leakycuda.leaky_stack(x0, W, rho, Lt, False, 1, activation, model_Lt)[0]
-
-
 def step_fn(stack, x0, W, rho, Lt, gout, **kw):
     def step():
         for t in (x0, W, rho):
@@ -185,11 +180,11 @@ def bench_models(name, B, N, w, L, dtype, args, rows, activation="relu"):
     x0, W, rho, Lt, gout = make_inputs(N, w, L, dtype, B=B)
     Lts = torch.linspace(1.0, 4.0, B, dtype=torch.float64, device="cuda")
     res = {"name": name, "B": B, "N": N, "w": w, "L": L, "dtype": str(dtype), "tf32": True, "activation": activation}
-    batched = step_fn(stack_op, x0, W, rho, Lt, gout, activation=activation, model_Lt=Lts)
+    batched = step_fn(leakycuda.leaky_stack, x0, W, rho, Lts, gout, activation=activation)
     res["batched_ms"] = timeit(batched, reps=args.reps)
     res["batched_graph_ms"] = timeit(graph_of(batched), reps=args.reps)
-    singles = [step_fn(stack_op, *[t[b].detach().clone().requires_grad_() for t in (x0, W, rho)], Lts[b].item(),
-                       gout[b], activation=activation) for b in range(B)]
+    singles = [step_fn(leakycuda.leaky_stack, *[t[b].detach().clone().requires_grad_() for t in (x0, W, rho)],
+                       Lts[b].item(), gout[b], activation=activation) for b in range(B)]
 
     def separate():
         for step in singles:
