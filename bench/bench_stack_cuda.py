@@ -1,5 +1,7 @@
-"""CUDA benchmark of the leaky stack (forward+backward): fused op vs eager reference, torch.compile and CUDA-graph replay."""
+"""CUDA benchmark of the leaky stack (forward+backward): fused op vs eager reference, torch.compile and CUDA-graph replay;
+B models in one batched call vs B separate calls vs JAX vmap (when jax imports)."""
 import argparse
+import functools
 import json
 import math
 import os
@@ -20,12 +22,14 @@ def timeit(fn, warmup=3, reps=10):
     return time_fn(fn, device="cuda", warmup=warmup, repeats=reps)["median_ms"]
 
 
-def make_inputs(N, w, L, dtype, Lt=2.0, seed=0):
+def make_inputs(N, w, L, dtype, Lt=2.0, seed=0, B=None):
+    """x0 [N, w], W [L, w, w+1], rho [L] (leaves) and gout [N, w]; with B, a leading [B] on each (B models)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    x0 = torch.randn(N, w, device="cuda", generator=g).to(dtype).requires_grad_()
-    W = (torch.randn(L, w, w + 1, device="cuda", generator=g) / math.sqrt(w)).to(dtype).requires_grad_()
-    rho = torch.full((L,), 1.0 / L, device="cuda", dtype=dtype, requires_grad=True)
-    gout = torch.randn(N, w, device="cuda", generator=g).to(dtype)
+    lead = () if B is None else (B,)
+    x0 = torch.randn(*lead, N, w, device="cuda", generator=g).to(dtype).requires_grad_()
+    W = (torch.randn(*lead, L, w, w + 1, device="cuda", generator=g) / math.sqrt(w)).to(dtype).requires_grad_()
+    rho = torch.full((*lead, L), 1.0 / L, device="cuda", dtype=dtype, requires_grad=True)
+    gout = torch.randn(*lead, N, w, device="cuda", generator=g).to(dtype)
     return x0, W, rho, Lt, gout
 
 
@@ -52,12 +56,12 @@ def graph_of(step):
     return graph.replay
 
 
-def compiled_stack(L, per_layer):
+def compiled_stack(L, per_layer, activation="relu"):
     """torch.compile of the reference: the whole stack, or one layer called L times (long stacks)."""
     mode = "max-autotune-no-cudagraphs"
     if not per_layer:
-        return torch.compile(reference.leaky_stack, mode=mode)
-    layer = torch.compile(reference.leaky_layer, mode=mode)
+        return torch.compile(functools.partial(reference.leaky_stack, activation=activation), mode=mode)
+    layer = torch.compile(functools.partial(reference.leaky_layer, activation=activation), mode=mode)
 
     def stack(x0, W, rho, Lt):
         x = x0
@@ -72,14 +76,14 @@ def stack_flops(N, w, L):
     return 2.0 * N * w * (w + 1) * L
 
 
-def bench_small(name, N, w, L, dtype, tf32, args, rows):
+def bench_small(name, N, w, L, dtype, tf32, args, rows, activation="relu"):
     torch.backends.cuda.matmul.allow_tf32 = tf32
     x0, W, rho, Lt, gout = make_inputs(N, w, L, dtype)
-    res = {"name": name, "N": N, "w": w, "L": L, "dtype": str(dtype), "tf32": tf32}
-    fused = step_fn(leakycuda.leaky_stack, x0, W, rho, Lt, gout)
+    res = {"name": name, "N": N, "w": w, "L": L, "dtype": str(dtype), "tf32": tf32, "activation": activation}
+    fused = step_fn(leakycuda.leaky_stack, x0, W, rho, Lt, gout, activation=activation)
     res["fused_ms"] = timeit(fused, reps=args.reps)
     res["fused_graph_ms"] = timeit(graph_of(fused), reps=args.reps)
-    eager = step_fn(reference.leaky_stack, x0, W, rho, Lt, gout)
+    eager = step_fn(reference.leaky_stack, x0, W, rho, Lt, gout, activation=activation)
     res["eager_ms"] = timeit(eager, warmup=1, reps=max(3, args.reps // 3))
     res["eager_graph_ms"] = timeit(graph_of(eager), reps=args.reps)
     if not args.no_compile:
@@ -87,7 +91,7 @@ def bench_small(name, N, w, L, dtype, tf32, args, rows):
         res["compile_scope"] = "layer" if per_layer else "stack"
         t0 = time.perf_counter()
         try:
-            comp = step_fn(compiled_stack(L, per_layer), x0, W, rho, Lt, gout)
+            comp = step_fn(compiled_stack(L, per_layer, activation), x0, W, rho, Lt, gout)
             comp()
             torch.cuda.synchronize()
             res["compile_s"] = time.perf_counter() - t0
@@ -143,6 +147,61 @@ def bench_large(name, N, w, L, dtype, args, rows):
     rows.append(res)
 
 
+def jax_models(x0, W, rho, Lts, gout, activation, reps):
+    """JAX jit(vmap(grad)) of a lax.scan over the layers, B models at once (forward+backward), wall-clock ms."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU memory to torch
+    import jax
+    import jax.numpy as jnp
+
+    def stack(x, Wm, r, Lt):
+        def layer(x, wr):
+            Wl, rl = wr
+            s = jax.nn.relu(x) if activation == "relu" else x
+            return (1 - rl * Lt) * x + rl * (s @ Wl[:, :-1].T + Wl[:, -1]), None
+        return jax.lax.scan(layer, x, (Wm, r))[0]
+
+    def loss(x, Wm, r, Lt, g):
+        return jnp.sum(stack(x, Wm, r, Lt) * g)
+
+    f = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2))))
+    a = [jnp.asarray(t.detach().float().cpu().numpy()) for t in (x0, W, rho, Lts, gout)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*a))
+    compile_s = time.perf_counter() - t0
+    t = time_fn(lambda: jax.block_until_ready(f(*a)), device="cpu", warmup=3, repeats=reps)
+    return {"jax_vmap_ms": t["median_ms"], "jax_compile_s": compile_s, "jax_version": jax.__version__,
+            "jax_device": str(jax.devices()[0]),
+            "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision)}
+
+
+def bench_models(name, B, N, w, L, dtype, args, rows, activation="relu"):
+    """B models (per-model Lt 1..4) forward+backward: one batched call vs B separate calls vs JAX vmap."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    x0, W, rho, Lt, gout = make_inputs(N, w, L, dtype, B=B)
+    Lts = torch.linspace(1.0, 4.0, B, dtype=torch.float64, device="cuda")
+    res = {"name": name, "B": B, "N": N, "w": w, "L": L, "dtype": str(dtype), "tf32": True, "activation": activation}
+    batched = step_fn(leakycuda.leaky_stack, x0, W, rho, Lts, gout, activation=activation)
+    res["batched_ms"] = timeit(batched, reps=args.reps)
+    res["batched_graph_ms"] = timeit(graph_of(batched), reps=args.reps)
+    singles = [step_fn(leakycuda.leaky_stack, *[t[b].detach().clone().requires_grad_() for t in (x0, W, rho)],
+                       Lts[b].item(), gout[b], activation=activation) for b in range(B)]
+
+    def separate():
+        for step in singles:
+            step()
+    res["separate_ms"] = timeit(separate, reps=args.reps)
+    res["batched_per_model_ms"] = res["batched_ms"] / B
+    res["speedup_vs_separate"] = res["separate_ms"] / res["batched_ms"]
+    try:
+        res.update(jax_models(x0, W, rho, Lts, gout, activation, args.reps))
+        res["speedup_vs_jax_vmap"] = res["jax_vmap_ms"] / res["batched_ms"]
+    except ImportError:
+        res["jax"] = "not installed"
+    except Exception as e:  # recorded, not fatal: the torch columns still stand
+        res["jax_error"] = repr(e)[:500]
+    rows.append(res)
+
+
 def bench_checkpoint(name, N, w, L, dtype, args, rows):
     """checkpoint="sqrt" against full save: activation memory held for backward and step time."""
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -169,29 +228,46 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-max-layers", type=int, default=200,
                     help="compile the whole stack up to this depth, else one layer called L times")
+    ap.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
     args = ap.parse_args()
     rows = []
     s = 10 if args.quick else 1
     f32, bf16 = torch.float32, torch.bfloat16
-    jobs = [
-        lambda: bench_small("paper_tf32", 1000, 100, 1000 // s, f32, True, args, rows),
-        lambda: bench_small("paper_fp32_exact", 1000, 100, 1000 // s, f32, False, args, rows),
-        lambda: bench_rate("wide_batch_bf16", 65536 // s, 128, 100, bf16, args, rows),
-        lambda: bench_large("large_width_tf32", 32768 // s, 1024, 32, f32, args, rows),
-        lambda: bench_large("large_width_bf16", 32768 // s, 1024, 32, bf16, args, rows),
-        lambda: bench_checkpoint("checkpoint_sqrt", 1000, 100, 1000 // s, f32, args, rows),
-    ]
-    for job in jobs:
+    jobs = {
+        "paper_tf32": lambda: bench_small("paper_tf32", 1000, 100, 1000 // s, f32, True, args, rows),
+        "paper_fp32_exact": lambda: bench_small("paper_fp32_exact", 1000, 100, 1000 // s, f32, False, args, rows),
+        "paper_linear_tf32": lambda: bench_small("paper_linear_tf32", 1000, 100, 1000 // s, f32, True, args, rows,
+                                                 activation="linear"),
+        "models16_L20_tf32": lambda: bench_models("models16_L20_tf32", 16, 1000, 100, 20, f32, args, rows),
+        "wide_batch_bf16": lambda: bench_rate("wide_batch_bf16", 65536 // s, 128, 100, bf16, args, rows),
+        "large_width_tf32": lambda: bench_large("large_width_tf32", 32768 // s, 1024, 32, f32, args, rows),
+        "large_width_bf16": lambda: bench_large("large_width_bf16", 32768 // s, 1024, 32, bf16, args, rows),
+        "checkpoint_sqrt": lambda: bench_checkpoint("checkpoint_sqrt", 1000, 100, 1000 // s, f32, args, rows),
+    }
+    only = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(only) - set(jobs))
+    if unknown:
+        ap.error("unknown --only rows %s; rows: %s" % (", ".join(unknown), ", ".join(jobs)))
+    for name, job in jobs.items():
+        if only and name not in only:
+            continue
         try:
             job()
         except Exception as e:  # one failing config must not hide the others
-            rows.append({"error": repr(e)[:1000]})
+            rows.append({"name": name, "error": repr(e)[:1000]})
         print(json.dumps(rows[-1]), flush=True)
     result = {"environment": machine_info("cuda"), "results": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print()
     print("%-20s %10s %10s %12s %12s %12s" % ("config", "fused ms", "us/layer", "x eager", "x compile", "x graph"))
+    for r in rows:
+        if "batched_ms" in r:
+            print("%-20s %d models: batched %.3f ms (%.3f ms/model, graph %.3f), %d separate calls %.3f ms (%.1fx), "
+                  "JAX vmap %s" % (r["name"], r["B"], r["batched_ms"], r["batched_per_model_ms"], r["batched_graph_ms"],
+                                   r["B"], r["separate_ms"], r["speedup_vs_separate"],
+                                   "%.3f ms (%.1fx)" % (r["jax_vmap_ms"], r["speedup_vs_jax_vmap"])
+                                   if "jax_vmap_ms" in r else r.get("jax", r.get("jax_error"))))
     for r in rows:
         if "fused_ms" in r:
             print("%-20s %10.3f %10.3f %12s %12s %12s" % (

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One GPU-machine run: build for sm_90, CUDA tests, compute-sanitizer on a small case, the CUDA benchmarks; logs into $OUT.
+# One GPU-machine run: build for sm_90, bad-input triage, CUDA tests, compute-sanitizer on small cases, the CUDA
+# benchmarks (stack, energies); logs into $OUT. BENCH_ARGS passes options to the stack benchmark
+# (e.g. --only models16_L20_tf32,paper_linear_tf32).
 set -u
 OUT=${OUT:-/tmp/leakycuda_gpu_out}
 mkdir -p "$OUT"
@@ -14,11 +16,36 @@ if ! TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 pip install --no-build-isolation --no-
 fi
 tail -3 "$OUT/build.log"
 
+REPO=$(pwd)
+echo "== bad-input triage (at e83cbb6 these three killed the process with SIGSEGV)"
+# Each in its own process, from $OUT (the installed build); on a crash, the Python stack (faulthandler) and,
+# when gdb exists, the native backtrace go to $OUT/triage_<case>.log.
+declare -A TRIAGE=(
+  [rho_negative]="ops.leaky_stack(x0, W, -r, 1.0, False, 1)"
+  [rho_nan]="r[1] = float('nan'); ops.leaky_stack(x0, W, r, 1.0, False, 1)"
+  [W_without_bias]="ops.leaky_stack(x0, W[..., :4], r, 1.0, False, 1)"
+)
+for case in "${!TRIAGE[@]}"; do
+  code="import torch, leakycuda
+ops = torch.ops.leakycuda
+x0, W, r = torch.randn(5, 4, device='cuda'), torch.randn(3, 4, 5, device='cuda'), torch.full((3,), 1 / 3, device='cuda')
+try:
+    ${TRIAGE[$case]}
+    print('no error raised')
+except Exception as e:
+    print(type(e).__name__, str(e).splitlines()[0])"
+  (cd "$OUT" && python -X faulthandler -c "$code") > "$OUT/triage_$case.log" 2>&1
+  rc=$?
+  echo "$case rc=$rc: $(tail -1 "$OUT/triage_$case.log")"
+  if [ $rc -ne 0 ] && command -v gdb >/dev/null 2>&1; then
+    (cd "$OUT" && gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args python -c "$code") >> "$OUT/triage_$case.log" 2>&1
+  fi
+done
+
 echo "== pytest -m cuda"
 # From $OUT, so that `import leakycuda` finds the installed build, not the source tree.
-REPO=$(pwd)
-(cd "$OUT" && python -m pytest -m cuda "$REPO/tests" -q -x -p no:cacheprovider) > "$OUT/pytest_cuda.log" 2>&1
-echo "pytest rc=$?"; tail -5 "$OUT/pytest_cuda.log"
+(cd "$OUT" && python -m pytest -m cuda "$REPO/tests" -q -rf -p no:cacheprovider) > "$OUT/pytest_cuda.log" 2>&1
+echo "pytest rc=$?"; tail -15 "$OUT/pytest_cuda.log"
 
 echo "== compute-sanitizer"
 : > "$OUT/sanitize.log"
