@@ -72,15 +72,17 @@ def _all_reduce_sum(t):
     return t
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", *, expect_format=CHECKPOINT_FORMAT):
     """Loads a :func:`fit` checkpoint with ``torch.load(weights_only=True)``; returns its dict.
 
     Keys: ``format``, ``step``, ``phase``, ``model`` (the LeakyResNet state dict), ``optimizer``,
-    ``history``, ``config``.
+    ``history``, ``config`` (an ensemble's checkpoint, ``expect_format="leakycuda.fit_ensemble/1"``,
+    also holds ``diverged``).
     """
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError("%s is not a leakycuda.train.fit checkpoint (format %r expected)" % (path, CHECKPOINT_FORMAT))
+    if not isinstance(ckpt, dict) or ckpt.get("format") != expect_format:
+        raise ValueError("%s is not a leakycuda.train.fit checkpoint of format %r (it holds %r)"
+                         % (path, expect_format, ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__))
     return ckpt
 
 
@@ -91,16 +93,20 @@ def _save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum):
+def _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=False):
     if phase == "adam":
-        return torch.optim.Adam(params, lr=adam_lr)
+        return torch.optim.Adam(params, lr=adam_lr, capturable=capturable)
     return torch.optim.SGD(params, lr=sgd_lr, momentum=sgd_momentum)
 
 
 def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_lr=1e-3, sgd_momentum=0.0,
         adapt_every=50, adapt_during_sgd=False, log_every=50, checkpoint_path=None, checkpoint_every=1000,
-        resume=False, history_path=None, progress=None, desc=None, callback=None):
+        resume=False, history_path=None, progress=None, desc=None, callback=None, cuda_graph=None):
     """Trains ``model`` (a :class:`~leakycuda.LeakyResNet`) full-batch on ``task``; returns a :class:`FitResult`.
+
+    ``model`` may also be a :class:`~leakycuda.ensemble.LeakyEnsemble` (B models trained at once, ``task``
+    one task or B tasks, ``lam`` one number or B): see :func:`leakycuda._ensemble_fit.fit_ensemble`,
+    which then runs with these arguments and returns an :class:`~leakycuda._ensemble_fit.EnsembleFitResult`.
 
     Loss: ``mse(model(x), y) + model.regularization(lam)``, i.e. C + lam/(2 Lt) sum_l rho_l ||W_l||_F^2.
     Recipe (the paper's appendix): ``adam_steps`` of Adam at ``adam_lr``, then ``sgd_steps`` of SGD at
@@ -131,13 +137,32 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     all-reduced (summed) so every rank holds the same rho. The parameters then match a single
     process on the full batch up to float rounding. Only rank 0 shows progress and writes files.
     Use gloo on CPU and nccl on CUDA (the caller initialises the process group).
+
+    CUDA graphs: on a CUDA device in a single process (``cuda_graph=None``, the default) each training
+    step (forward, backward, optimizer step) is captured once in a CUDA graph and replayed, after
+    two eager warm-up steps (see :class:`leakycuda._graph.TrainStep`); Adam is then created with
+    ``capturable=True``. rho is read by the graph in place, so adaptive updates need no re-capture;
+    the Adam -> SGD switch (or a changed Lt) re-captures. The results equal the eager path's within
+    float rounding. ``cuda_graph=False`` turns it off; ``True`` insists (ValueError on a CPU model or
+    under data parallelism). On the CPU it is always off.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from . import _graph
+    from .ensemble import LeakyEnsemble
 
     if isinstance(model, DDP):
         ddp_model, module = model, model.module
     else:
         ddp_model, module = None, model
+    if isinstance(module, LeakyEnsemble):
+        from ._ensemble_fit import fit_ensemble
+
+        return fit_ensemble(model, task, lam, adam_steps=adam_steps, adam_lr=adam_lr, sgd_steps=sgd_steps,
+                            sgd_lr=sgd_lr, sgd_momentum=sgd_momentum, adapt_every=adapt_every,
+                            adapt_during_sgd=adapt_during_sgd, log_every=log_every, checkpoint_path=checkpoint_path,
+                            checkpoint_every=checkpoint_every, resume=resume, history_path=history_path,
+                            progress=progress, desc=desc, callback=callback, cuda_graph=cuda_graph)
     for name, v in (("adam_steps", adam_steps), ("sgd_steps", sgd_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError("%s must be an integer >= 0, got %r" % (name, v))
@@ -155,6 +180,7 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
 
     p0 = next(module.parameters())
     device, dtype = p0.device, p0.dtype
+    graphed = _graph.use_cuda_graph(cuda_graph, device, world)
     x_train = task.x_train.to(device=device, dtype=dtype)
     y_train = task.y_train.to(device=device, dtype=dtype)
     x_test = getattr(task, "x_test", None)
@@ -192,12 +218,20 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
         module.load_state_dict(ckpt["model"])
         step, history = int(ckpt["step"]), list(ckpt["history"])
         phase = ckpt["phase"]
-        opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum)
+        opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=graphed)
         opt.load_state_dict(ckpt["optimizer"])
     else:
         phase = "adam" if adam_steps > 0 else "sgd"
-        opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum)
+        opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=graphed)
     resumed_from = step
+
+    def body(opt):
+        loss = data_scale * (net(x_shard) - y_shard).square().sum() + module.regularization(lam)
+        loss.backward()
+        opt.step()
+
+    runner = _graph.TrainStep(body, graphed=graphed, device=device,
+                              watch=lambda: list(module.parameters()) + list(module.buffers()))
 
     def evaluate():
         with torch.no_grad():
@@ -229,13 +263,10 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     while step < total:
         if step == adam_steps and phase == "adam":
             phase = "sgd"
-            opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum)
+            opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=graphed)
         if adaptive and step % adapt_every == 0 and (phase == "adam" or adapt_during_sgd):
             module.adapt_steps(x_shard, reduce=reduce)
-        opt.zero_grad(set_to_none=True)
-        loss = data_scale * (net(x_shard) - y_shard).square().sum() + module.regularization(lam)
-        loss.backward()
-        opt.step()
+        runner(opt, key=(phase, module.effective_depth))
         step += 1
         if bar is not None:
             bar.update(1)
