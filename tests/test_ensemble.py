@@ -91,6 +91,18 @@ def test_representations_and_per_member_inputs():
     torch.testing.assert_close(ens(x)[1], ens.member(1)(x[1]), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("checkpoint", [2, "sqrt"])
+def test_checkpointed_stack_gives_the_same_gradients(checkpoint):
+    x = torch.randn(3, 5, 6, dtype=F64, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for ck in (None, checkpoint):
+        ens = _ensemble(checkpoint=ck)
+        ens(x).square().sum().backward()
+        grads.append([p.grad for p in ens.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_unseeded_members_draw_from_the_global_generator_in_order():
     torch.manual_seed(7)
     ens = LeakyEnsemble(3, 2, 4, 3, 1.0, models=2, dtype=F64)
