@@ -11,7 +11,11 @@ Rows (every row on the device given; the variants of a row are timed in one proc
   CUDA: the paper's size (w = 100, N = 1000, L = 20), B = 16.
 - stack (CUDA): 16 models at L = 20, N = 1000, w = 100, forward+backward of the batched op vs 16 calls.
 
-Usage: python bench/bench_ensemble.py [--device cpu|cuda] [--rounds 2] [--seeds 3] [--skip-fig1] [--out FILE]
+CPU threads: ``--threads`` (default 1) for this process and the children. On a machine shared with other jobs, torch's
+two OpenMP threads on two cores wait on each other at every parallel region and ran a small stack 20x slower than
+one thread did, so the committed CPU numbers use one thread per process.
+
+Usage: python bench/bench_ensemble.py [--device cpu|cuda] [--threads 1] [--rounds 2] [--seeds 3] [--skip-fig1] [--out FILE]
 """
 import argparse
 import json
@@ -55,7 +59,7 @@ def compare_fig1(a, b):
     return worst
 
 
-def fig1_rows(device, seeds, rounds, quick):
+def fig1_rows(device, seeds, rounds, quick, threads):
     """`reproduce fig1` batched and --sequential, alternating, each in a niced child process."""
     times = {"batched": [], "sequential": []}
     outputs = {}
@@ -70,7 +74,7 @@ def fig1_rows(device, seeds, rounds, quick):
                 cmd += ["--sequential"] if variant == "sequential" else []
                 t0 = time.perf_counter()
                 res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                     env=dict(os.environ, PYTHONPATH=ROOT))
+                                     env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(threads)))
                 wall = time.perf_counter() - t0
                 if res.returncode != 0:
                     raise RuntimeError("%s failed:\n%s" % (" ".join(cmd), res.stderr[-3000:]))
@@ -158,12 +162,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of this process and the fig1 children")
     p.add_argument("--rounds", type=int, default=2, help="fig1 runs of each path (alternating order)")
     p.add_argument("--repeats", type=int, default=40, help="extra fit steps timed per step row")
     p.add_argument("--skip-fig1", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/ensemble_<device>_<time>.json)")
     a = p.parse_args()
     cuda = a.device.startswith("cuda")
+    torch.set_num_threads(a.threads)
     rows = []
     if cuda:
         rows += stack_rows()
@@ -171,7 +177,7 @@ def main():
     else:
         rows += step_rows(a.device, 9, 32, 200, 20, a.repeats)
     if not a.skip_fig1:
-        rows += fig1_rows(a.device, a.seeds, a.rounds, quick=not cuda)
+        rows += fig1_rows(a.device, a.seeds, a.rounds, quick=not cuda, threads=a.threads)
     print_table(rows, [
         ("row", "row", "{}"), ("variant", "variant", "{}"), ("wall_s", "wall s", "{:.1f}"), ("ms", "ms", "{:.3f}"),
         ("ms_per_model", "ms/model", "{:.3f}"), ("speedup", "speed-up", "{:.2f}x"),
