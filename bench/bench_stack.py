@@ -56,9 +56,15 @@ def make_step(variant, w, N, L, device, dtype, Lt):
             t.grad = None
         f().sum().backward()
 
+    if variant == "compile":
+        print(f"torch.compile of the eager stack at w={w} N={N} L={L}: the first call compiles (a cold compile "
+              "can take a minute or more; a warm inductor cache a few seconds) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     step()  # first call: compiles for "compile"
-    return step, forward, time.perf_counter() - t0
+    first = time.perf_counter() - t0
+    if variant == "compile":
+        print(f"  compiled in {first:.1f} s", file=sys.stderr, flush=True)
+    return step, forward, first
 
 
 def child_memory(w, N, L, variant, device, dtype, Lt):

@@ -1,8 +1,8 @@
-"""leakycuda: fused CPU/CUDA ops, modules and diagnostics for Leaky ResNets (DESIGN.md §3 is the API)."""
+"""leakycuda: fused CPU/CUDA ops, modules and diagnostics for Leaky ResNets (docs/DESIGN.md §3 is the API)."""
 from . import reference
 from ._ops import build_info
 from .energies import Energies, ExactCOI, cost_of_identity, k_norm2, stable_rank
-from .energies import energies  # binds lc.energies to the function (DESIGN §3), shadowing the submodule
+from .energies import energies  # binds lc.energies to the function, shadowing the submodule (docs/DESIGN.md §3.2)
 from .functional import leaky_layer, leaky_stack
 from .module import LeakyResNet
 from .ensemble import LeakyEnsemble

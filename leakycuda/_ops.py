@@ -1,10 +1,38 @@
 """Loads the compiled ops (torch.ops.leakycuda.*) and registers their fake and autograd implementations."""
+import glob
+import os
+import sys
+
 import torch
 
-_REBUILD = "rebuild it: pip install --no-build-isolation --no-deps --force-reinstall ."
+def _where():
+    """(this package's folder, the source checkout it sits in or None): a checkout has setup.py beside the package."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(pkg)
+    return pkg, (root if os.path.isfile(os.path.join(root, "setup.py")) else None)
+
+
+def _installed_copies(pkg):
+    """Other leakycuda folders on sys.path that hold a compiled extension (e.g. a non-editable install)."""
+    found = []
+    for entry in sys.path:
+        other = os.path.join(os.path.abspath(entry or os.curdir), "leakycuda")
+        if other != pkg and other not in found and glob.glob(os.path.join(other, "_C*.so")) + glob.glob(
+                os.path.join(other, "_C*.pyd")):
+            found.append(other)
+    return found
+
+
+def _rebuild_hint():
+    pkg, root = _where()
+    if root is not None:
+        return "rebuild it in place: cd %s && pip install --no-build-isolation -e ." % root
+    return ("reinstall it from its source checkout: pip install --no-build-isolation --no-deps --force-reinstall "
+            "<path to the leakycuda checkout> (this copy is %s)" % pkg)
 
 
 def _load():
+    """Imports the compiled extension, or raises an ImportError that says what is wrong and how to fix it."""
     try:
         from . import _build_info
     except ImportError:
@@ -16,12 +44,24 @@ def _load():
         ):
             raise ImportError(
                 "leakycuda was built against torch %s (CUDA %s) but torch %s (CUDA %s) is installed; %s"
-                % (built + (torch.__version__, torch.version.cuda, _REBUILD))
+                % (built + (torch.__version__, torch.version.cuda, _rebuild_hint()))
             )
     try:
         from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
     except ImportError as e:
-        raise ImportError("leakycuda's compiled extension could not be loaded (%s); %s" % (e, _REBUILD)) from e
+        pkg, root = _where()
+        if glob.glob(os.path.join(pkg, "_C*.so")) + glob.glob(os.path.join(pkg, "_C*.pyd")):
+            raise ImportError("leakycuda's compiled extension in %s exists but could not be loaded (%s); it was "
+                              "probably built against another torch or Python; %s" % (pkg, e, _rebuild_hint())) from e
+        if root is not None:
+            others = _installed_copies(pkg)
+            alt = (" or run Python from another folder to use the installed copy in %s" % others[0]) if others else ""
+            raise ImportError(
+                "leakycuda was imported from its source checkout %s, which has no compiled extension (no "
+                "leakycuda/_C*.so there): Python looks in the current folder (and PYTHONPATH) before the installed "
+                "packages, so this folder shadows any installed copy. Build the extension in place: cd %s && pip "
+                "install --no-build-isolation -e .%s" % (pkg, root, alt)) from e
+        raise ImportError("leakycuda's compiled extension is missing from %s (%s); %s" % (pkg, e, _rebuild_hint())) from e
     return _build_info
 
 

@@ -1,63 +1,95 @@
-"""The `leakycuda` command line: demo, reproduce fig1|fig2, bench and info."""
+"""The `leakycuda` command line: demo, reproduce fig1|fig2, bench and info.
+
+Every flag is checked before any work runs; a bad value ends the command with one line,
+"leakycuda <command>: error: argument --flag: ...", and exit code 2. A run whose training diverges
+ends with one line and exit code 1 (its history is kept).
+"""
 import argparse
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
 
+# Settings of experiments.RunConfig and run_*() that a flag sets, where the names differ.
+_FLAG_OF = {"adam_steps": "--steps", "adam_lr": "--lr"}
+# A value that starts with "-" but is a number ("-1e-3", "-.5", "-inf"): argparse would take it for a flag.
+_NEGATIVE = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block): "<prog>: error: <message>", exit 2."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see %s --help)\n" % (self.prog, " ".join(str(message).split()), self.prog))
+
 
 def _seeds(text):
-    """ "3" -> seeds 0, 1, 2; "0,4,7" -> those seeds."""
-    parts = [p for p in text.split(",") if p.strip()]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError("--seeds takes a count (3 -> 0,1,2) or a comma list (0,4,7), got %r" % text)
+    """ "3" -> seeds 0, 1, 2; "0,4,7" -> those seeds (checked later: distinct, >= 0)."""
+    values = _ints(text)
     if len(values) == 1 and "," not in text:
-        if values[0] < 1:
-            raise argparse.ArgumentTypeError("--seeds count must be >= 1, got %r" % text)
-        return list(range(values[0]))
+        return values[0]  # a count
+    return values
+
+
+def _items(text, convert, kind):
+    """ "1,2,3" -> [convert("1"), ...]; empty items are dropped (an empty list is refused by the checks)."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            try:
+                values.append(convert(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError("expected a comma list of %s, got %r in %r" % (kind, part, text)) \
+                    from None
     return values
 
 
 def _floats(text):
-    return [float(v) for v in text.split(",") if v.strip()]
+    return _items(text, float, "numbers")
 
 
 def _ints(text):
-    return [int(v) for v in text.split(",") if v.strip()]
+    return _items(text, int, "integers")
 
 
-def _device(name):
-    import torch
-
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("leakycuda: --device %s asked for, but torch sees no CUDA device (torch %s, CUDA %s)"
-                         % (name, torch.__version__, torch.version.cuda))
-    return dev
+def _words(text):
+    return _items(text, str, "names")
 
 
-def _dtype(name):
-    import torch
+def _flag(name):
+    """The flag that sets a setting (``n_train`` -> ``--n-train``)."""
+    if name.startswith("each value of "):
+        return _flag(name[len("each value of "):])
+    return _FLAG_OF.get(name, "--" + name.replace("_", "-"))
 
-    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+def _checked(parser, fn, *args, **kwargs):
+    """Runs a check of leakycuda's API and reports its ValueError / TypeError against the flag it is about."""
+    try:
+        return fn(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        name = getattr(e, "name", None)
+        if name is None:
+            parser.error(str(e))
+        each = "each value " if name.startswith("each value of ") else ""
+        parser.error("argument %s: %smust be %s, got %s" % (_flag(name), each, e.expect, e.got))
 
 
 def _add_run_options(p, defaults):
     g = p.add_argument_group("training (defaults: %s)" % defaults)
-    g.add_argument("--steps", type=int, help="Adam steps")
-    g.add_argument("--sgd-steps", type=int, help="SGD steps after Adam")
-    g.add_argument("--lr", type=float, help="Adam learning rate")
-    g.add_argument("--sgd-lr", type=float, help="SGD learning rate")
-    g.add_argument("--lam", type=float, help="regularization strength lambda")
+    g.add_argument("--steps", type=int, help="Adam steps (>= 0)")
+    g.add_argument("--sgd-steps", type=int, help="SGD steps after Adam (>= 0)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (> 0)")
+    g.add_argument("--sgd-lr", type=float, help="SGD learning rate (> 0)")
+    g.add_argument("--lam", type=float, help="regularization strength lambda (> 0)")
     g.add_argument("--width", type=int, help="width w of the representations")
-    g.add_argument("--n-train", type=int, help="training points")
-    g.add_argument("--n-test", type=int, help="test points")
+    g.add_argument("--n-train", type=int, help="training points (>= 2)")
+    g.add_argument("--n-test", type=int, help="test points (>= 0)")
     g.add_argument("--init", choices=("auto", "random", "identity"),
                    help="weight init (auto: random below Lt = 8, identity from 8 on)")
-    g.add_argument("--gamma0", type=float, help="relative ridge gamma0 of the COI / K-norms")
+    g.add_argument("--gamma0", type=float, help="relative ridge gamma0 of the COI / K-norms (> 0)")
 
 
 def _overrides(args):
@@ -66,34 +98,64 @@ def _overrides(args):
     return {field: getattr(args, a) for a, field in names.items() if getattr(args, a, None) is not None}
 
 
-def _cmd_demo(args):
-    from . import experiments
+def _dtype(name):
+    import torch
 
-    device = _device(args.device)
+    return getattr(torch, name)
+
+
+def _prepare_demo(args, parser):
+    """The demo's checked settings, before anything runs: (cfg, out, seed, device, dtype)."""
+    from . import _validate, experiments
+
     over = _overrides(args)
     if args.Lt is not None:
         over["Lt"] = args.Lt
     if args.depth is not None:
         over["depth"] = args.depth
     cfg = dataclasses.replace(experiments.DEMO, **over)
-    out = args.out or os.path.join("leakycuda_out", "demo")
-    experiments.run_demo(out, device=device, dtype=_dtype(args.dtype), cfg=cfg, seed=args.seed,
+    out = os.path.join("leakycuda_out", "demo") if args.out is None else args.out
+    seed = _checked(parser, _validate.integer, args.seed, "seed", low=0)
+    cfg, out, _, device, dtype, _ = _checked(parser, experiments.check_run, cfg, out, seeds=[seed],
+                                             device=args.device, dtype=_dtype(args.dtype))
+    return cfg, out, seed, device, dtype
+
+
+def _prepare_reproduce(args, parser):
+    """reproduce's checked settings, before anything runs: (out, keyword arguments of run_fig1 / run_fig2)."""
+    from . import experiments
+
+    other = {"fig1": ("depths", "schemes"), "fig2": ("Lts",)}[args.figure]
+    for name in other:
+        if getattr(args, name) is not None:
+            parser.error("argument --%s: applies to 'reproduce %s' only, not to %s"
+                         % (name, "fig1" if args.figure == "fig2" else "fig2", args.figure))
+    preset = (experiments.FIG1 if args.figure == "fig1" else experiments.FIG2)["quick" if args.quick else "paper"]
+    cfg = dataclasses.replace(preset["config"], **_overrides(args))
+    out = os.path.join("leakycuda_out", args.figure) if args.out is None else args.out
+    sweep = {"Lts": args.Lts} if args.figure == "fig1" else {"depths": args.depths, "schemes": args.schemes}
+    _, out, seeds, device, dtype, _ = _checked(parser, experiments.check_run, cfg, out, seeds=args.seeds,
+                                               device=args.device, dtype=_dtype(args.dtype), **sweep)
+    kw = dict(quick=args.quick, device=device, dtype=dtype, seeds=seeds, overrides=_overrides(args),
+              progress=False if args.no_progress else None, **sweep)
+    return out, kw
+
+
+def _cmd_demo(args, prepared):
+    from . import experiments
+
+    cfg, out, seed, device, dtype = prepared
+    experiments.run_demo(out, device=device, dtype=dtype, cfg=cfg, seed=seed,
                          progress=False if args.no_progress else None)
     print("results in %s" % os.path.abspath(out))
     return 0
 
 
-def _cmd_reproduce(args):
+def _cmd_reproduce(args, prepared):
     from . import experiments
 
-    device = _device(args.device)
-    out = args.out or os.path.join("leakycuda_out", args.figure)
-    kw = dict(quick=args.quick, device=device, dtype=_dtype(args.dtype), seeds=args.seeds,
-              overrides=_overrides(args), progress=False if args.no_progress else None)
-    if args.figure == "fig1":
-        experiments.run_fig1(out, Lts=args.Lts, **kw)
-    else:
-        experiments.run_fig2(out, depths=args.depths, schemes=args.schemes, **kw)
+    out, kw = prepared
+    (experiments.run_fig1 if args.figure == "fig1" else experiments.run_fig2)(out, **kw)
     print("results in %s" % os.path.abspath(out))
     return 0
 
@@ -137,14 +199,49 @@ def _builtin_bench(device, dtype, repeat):
         print("%6d %6d %6d  %12.2f %12.2f %7.2fx" % (L, w, N, ours, eager, eager / ours))
 
 
-def _cmd_bench(args):
+def _prepare_bench(args, parser):
+    """bench's checked settings, before anything runs: (the bench_stack.py command or None, device, dtype)."""
+    import torch
+
+    from . import _validate
+
+    device = _checked(parser, _validate.device, args.device, "device")
+    if args.repeats is not None:
+        _checked(parser, _validate.integer, args.repeats, "repeats", low=1)
+    if args.dtype in ("float16", "bfloat16") and device.type != "cuda":
+        parser.error("argument --dtype: %s runs on CUDA only, got --device %s" % (args.dtype, args.device))
     folder = _bench_dir()
-    if folder is not None and not args.builtin:
-        cmd = [sys.executable, os.path.join(folder, "bench_stack.py"), "--device", args.device, "--dtype", args.dtype]
-        cmd += args.rest
-        print("running %s" % " ".join(cmd))
+    passed = [f for f in ("quick", "out", "Lt", "variants") if getattr(args, f) not in (None, False)]
+    if args.builtin or folder is None:
+        if passed:
+            parser.error("argument --%s: applies to bench/bench_stack.py, which %s" % (
+                passed[0], "--builtin does not run" if args.builtin else "this installed copy does not have "
+                "(run from a clone of the repository)"))
+        if args.dtype in ("float16", "bfloat16"):
+            parser.error("argument --dtype: the built-in timing runs float32 or float64, got %s" % args.dtype)
+        return None, device, getattr(torch, args.dtype)
+    cmd = [sys.executable, os.path.join(folder, "bench_stack.py"), "--device", args.device, "--dtype", args.dtype]
+    if args.repeats is not None:
+        cmd += ["--repeats", str(args.repeats)]
+    if args.quick:
+        cmd += ["--quick"]
+    if args.out is not None:
+        cmd += ["--out", _checked(parser, _validate.writable_path, args.out, "out", folder=False)]
+    if args.Lt is not None:
+        cmd += ["--Lt", repr(_checked(parser, _validate.real, args.Lt, "Lt", low=0.0))]
+    if args.variants is not None:
+        variants = _checked(parser, _validate.distinct, args.variants, "variants",
+                            lambda v, n: _validate.choice(v, n, BENCH_VARIANTS), sort=False)
+        cmd += ["--variants", ",".join(variants)]
+    return cmd, device, getattr(torch, args.dtype)
+
+
+def _cmd_bench(args, prepared):
+    cmd, device, dtype = prepared
+    if cmd is not None:
+        print("running %s" % " ".join(cmd), flush=True)
         return subprocess.call(cmd)
-    _builtin_bench(_device(args.device), _dtype(args.dtype), args.repeat)
+    _builtin_bench(device, dtype, 5 if args.repeats is None else args.repeats)
     return 0
 
 
@@ -172,7 +269,7 @@ def info_dict():
             "cuda_kernels_compiled": any("CUDA" in v for v in kernels.values())}
 
 
-def _cmd_info(args):
+def _cmd_info(args, prepared):
     import json
 
     d = info_dict()
@@ -192,58 +289,118 @@ def _cmd_info(args):
     return 0
 
 
+BENCH_VARIANTS = ("fused", "eager", "compile")
+
+
+def _device_help(default="cpu"):
+    return "cpu (default) or cuda[:i] (the GPU kernels)" if default == "cpu" else default
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="leakycuda",
-                                description="Leaky ResNets: demo, paper figures, benchmarks, build info.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    p = _Parser(prog="leakycuda", description="Leaky ResNets: demo, paper figures, benchmarks, build info.")
+    p.add_argument("--version", action="version", version="leakycuda %s" % __version__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,reproduce,bench,info}")
 
     d = sub.add_parser("demo", help="train on the 30 -> 3 -> 30 task, print per-layer energies and the rank estimate, "
                                     "write PNGs and JSON (about a minute on a 2-core CPU)")
-    d.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i] (the GPU kernels)")
+    d.add_argument("--device", default="cpu", help=_device_help())
     d.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     d.add_argument("--out", help="output folder (default ./leakycuda_out/demo)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--Lt", type=float, help="effective depth (default 6)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the task and the init (>= 0)")
+    d.add_argument("--Lt", type=float, help="effective depth (> 0; default 6)")
     d.add_argument("--depth", type=int, help="number of layers L (default 20)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_run_options(d, "width 64, 500 points, 5000 Adam + 1000 SGD steps, lam 1e-2")
-    d.set_defaults(func=_cmd_demo)
+    d.set_defaults(func=_cmd_demo, prepare=_prepare_demo)
 
     r = sub.add_parser("reproduce", help="the paper's Figure 1 (sweep Lt) or Figure 2 (sweep L and step schemes)")
     r.add_argument("figure", choices=("fig1", "fig2"))
     r.add_argument("--quick", action="store_true", help="tiny settings that finish in minutes on a CPU")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help=_device_help())
     r.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    r.add_argument("--seeds", type=_seeds, default=[0], help="a count (3 -> seeds 0,1,2) or a comma list")
+    r.add_argument("--seeds", type=_seeds, default=[0], help="a count (3 -> seeds 0,1,2) or a comma list of seeds")
     r.add_argument("--out", help="output folder (default ./leakycuda_out/<figure>)")
-    r.add_argument("--Lts", type=_floats, help="fig1: comma list of effective depths")
-    r.add_argument("--depths", type=_ints, help="fig2: comma list of depths L")
-    r.add_argument("--schemes", type=lambda s: [v for v in s.split(",") if v], help="fig2: comma list of step schemes")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--Lts", type=_floats, help="fig1: comma list of effective depths (> 0)")
+    r.add_argument("--depths", type=_ints, help="fig2: comma list of depths L (>= 1)")
+    r.add_argument("--schemes", type=_words, help="fig2: comma list of step schemes (equidistant, irregular, adaptive)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_run_options(r, "the paper's: width 100, 1000 points, 5000 Adam + 1000 SGD steps, lam 1e-2")
-    r.set_defaults(func=_cmd_reproduce)
+    r.set_defaults(func=_cmd_reproduce, prepare=_prepare_reproduce)
 
-    b = sub.add_parser("bench", help="run bench/bench_stack.py when present (other options, e.g. --quick, are passed "
-                                     "on to it), else a short built-in timing")
+    b = sub.add_parser("bench", help="run bench/bench_stack.py when present, else a short built-in timing")
     b.add_argument("--builtin", action="store_true", help="the built-in timing even when bench/ is present")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    b.add_argument("--repeat", type=int, default=5, help="built-in timing: repetitions")
-    b.set_defaults(func=_cmd_bench)
+    b.add_argument("--device", default="cpu", help=_device_help())
+    b.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"),
+                   help="float16 / bfloat16 on CUDA only")
+    b.add_argument("--repeats", "--repeat", type=int, help="timed repetitions (>= 1; default 5 built-in, 7 bench)")
+    g = b.add_argument_group("bench/bench_stack.py only")
+    g.add_argument("--quick", action="store_true", help="one small size, 3 repeats")
+    g.add_argument("--out", help="JSON file (default bench/results/stack_<device>_<time>.json)")
+    g.add_argument("--Lt", type=float, help="effective depth of the timed stacks (default 3)")
+    g.add_argument("--variants", type=_words, help="comma list of %s" % ", ".join(BENCH_VARIANTS))
+    b.set_defaults(func=_cmd_bench, prepare=_prepare_bench)
 
     i = sub.add_parser("info", help="versions, build, devices, compiled kernels")
     i.add_argument("--json", action="store_true")
-    i.set_defaults(func=_cmd_info)
+    i.set_defaults(func=_cmd_info, prepare=lambda args, parser: None)
     return p
 
 
+def _subparsers(parser):
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _join_negative_values(parser, argv):
+    """["--lr", "-1e-3"] -> ["--lr=-1e-3"], so that a negative number is read as the flag's value (then
+    refused with a clear message) instead of as an unknown flag; argparse only knows "-5" and "-.5"."""
+    takes_value = {o for sp in _subparsers(parser).values() for a in sp._actions
+                   if a.option_strings and a.nargs is None for o in a.option_strings}
+    out = []
+    for tok in argv:
+        if out and out[-1] in takes_value and _NEGATIVE.match(tok):
+            out[-1] = "%s=%s" % (out[-1], tok)
+        else:
+            out.append(tok)
+    return out
+
+
+def _unknown(parser, args, rest):
+    """A one-line error for flags the subcommand does not have, naming the subcommand they belong to."""
+    subs = _subparsers(parser)
+    sp = subs[args.command]
+    flag = next((t.split("=")[0] for t in rest if t.startswith("-")), None)
+    owners = [name for name, other in subs.items()
+              if name != args.command and any(flag in a.option_strings for a in other._actions)]
+    if flag is not None and owners:
+        sp.error("%s is an option of 'leakycuda %s', not of '%s'" % (flag, "' and 'leakycuda ".join(owners),
+                                                                     args.command))
+    sp.error("unrecognized arguments: %s" % " ".join(rest))
+
+
 def main(argv=None):
+    """Parses and checks every flag (exit 2 with one line on a bad one), then runs the subcommand.
+
+    Returns its exit code: 0, or 1 when training diverged (one line on stderr; the history is kept).
+    """
+    from .train import DivergenceError
+
     parser = build_parser()
+    argv = _join_negative_values(parser, sys.argv[1:] if argv is None else list(argv))
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "bench":
-        parser.error("unrecognized arguments: %s" % " ".join(rest))
-    args.rest = rest
-    return args.func(args)
+    if rest:
+        _unknown(parser, args, rest)
+    sub = _subparsers(parser)[args.command]
+    prepared = args.prepare(args, sub)
+    try:
+        return args.func(args, prepared)
+    except DivergenceError as e:
+        msg = " ".join(str(e).split())
+        for name, flag in (("adam_lr", "--lr"), ("sgd_lr", "--sgd-lr")):  # the hint names the flag to change
+            msg = msg.replace("lower %s" % name, "lower %s" % flag)
+        print("%s: error: %s" % (sub.prog, msg), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import numbers
 
 import torch
 
+from . import _validate as check
+
 __all__ = ["BottleneckTask", "bottleneck_task"]
 
 TEACHERS = ("fcnn", "resnet")
@@ -76,7 +78,9 @@ class BottleneckTask:
         return min(self.inner)
 
     def teacher(self, x):
-        """f*(x) for normalised inputs x [N, d] -> normalised outputs [N, d]."""
+        """f*(x) for normalised inputs x [N, d] (a floating tensor) -> normalised outputs [N, d]."""
+        check.matrix(x, "x", None, self.d, cols_name="d")
+        check.float_dtype(x.dtype, "x's dtype")
         mx, sx, my, sy = (t.to(x) for t in self._norm)
         z = x * sx + mx
         for net in self._nets:
@@ -84,7 +88,10 @@ class BottleneckTask:
         return (z - my) / sy
 
     def to(self, device=None, dtype=None):
-        """A copy with the four data tensors moved/cast (the teacher stays float64 internally)."""
+        """A copy with the four data tensors moved/cast to a floating dtype (the teacher stays float64 internally)."""
+        device = check.device(device)
+        if dtype is not None:
+            check.float_dtype(dtype)
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return dataclasses.replace(self, x_train=move(self.x_train), y_train=move(self.y_train),
                                    x_test=move(self.x_test), y_test=move(self.y_test))
@@ -94,12 +101,6 @@ class BottleneckTask:
         return {"d": self.d, "inner": list(self.inner), "rank": self.rank, "seed": self.seed,
                 "teacher": self.teacher_kind, "n_train": int(self.x_train.shape[0]),
                 "n_test": int(self.x_test.shape[0])}
-
-
-def _check_int(v, name, low):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-        raise ValueError("%s must be an integer >= %d, got %r" % (name, low, v))
-    return int(v)
 
 
 def bottleneck_task(d=30, inner=(3,), n_train=1000, n_test=1000, seed=0, teacher="fcnn", *,
@@ -121,22 +122,31 @@ def bottleneck_task(d=30, inner=(3,), n_train=1000, n_test=1000, seed=0, teacher
     affine maps. The Jacobian of the (normalised) teacher has rank k* almost everywhere.
 
     Everything is drawn from a ``torch.Generator`` seeded with ``seed`` on the CPU in float64, so
-    a seed gives the same task on every machine; the data are then cast to ``dtype`` on ``device``.
-    Returns a :class:`BottleneckTask`.
+    a seed gives the same task on every machine; the data are then cast to ``dtype`` (a floating
+    dtype) on ``device``. The narrowest inner dimension k* must not exceed d (a bottleneck wider than
+    the data is none). Returns a :class:`BottleneckTask`.
     """
-    d = _check_int(d, "d", 1)
-    inner = (inner,) if isinstance(inner, numbers.Integral) else tuple(inner)
+    d = check.integer(d, "d", low=1, what="the input and output dimension")
+    if isinstance(inner, numbers.Integral) and not isinstance(inner, bool):
+        inner = (inner,)
+    if isinstance(inner, (str, bytes)) or not hasattr(inner, "__iter__"):
+        check.fail(TypeError, "inner", "a sequence of inner dimensions such as (3,) or (6, 3)", repr(inner))
+    inner = tuple(inner)
     if not inner:
-        raise ValueError("inner must hold at least one inner dimension (e.g. (3,)), got ()")
-    inner = tuple(_check_int(k, "each inner dimension", 1) for k in inner)
-    n_train = _check_int(n_train, "n_train", 2)
-    n_test = _check_int(n_test, "n_test", 0)
-    seed = _check_int(seed, "seed", 0)
-    hidden = _check_int(hidden, "hidden", 1)
-    blocks = _check_int(blocks, "blocks", 1)
-    hidden_layers = _check_int(hidden_layers, "hidden_layers", 1)
-    if teacher not in TEACHERS:
-        raise ValueError("teacher must be one of %s, got %r" % (", ".join(map(repr, TEACHERS)), teacher))
+        check.fail(ValueError, "inner", "a non-empty sequence of inner dimensions, e.g. (3,)", "()")
+    inner = tuple(check.integer(k, "each inner dimension", low=1) for k in inner)
+    if min(inner) > d:
+        check.fail(ValueError, "inner", "a bottleneck no wider than d = %d (k* = min(inner) <= d)" % d,
+                   "%r, whose narrowest layer %d is wider than the data" % (inner, min(inner)))
+    n_train = check.integer(n_train, "n_train", low=2, what="training points")
+    n_test = check.integer(n_test, "n_test", low=0, what="test points")
+    seed = check.integer(seed, "seed", low=0)
+    hidden = check.integer(hidden, "hidden", low=1)
+    blocks = check.integer(blocks, "blocks", low=1)
+    hidden_layers = check.integer(hidden_layers, "hidden_layers", low=1)
+    check.choice(teacher, "teacher", TEACHERS)
+    dtype = check.float_dtype(dtype)
+    device = check.device(device)
 
     gen = torch.Generator().manual_seed(seed)
     dims = (d,) + inner + (d,)

@@ -1,4 +1,4 @@
-"""Diagnostics of a trained Leaky ResNet (DESIGN.md §1): COI, energies in both forms, stationarity, balancedness, spectra."""
+"""Diagnostics of a trained Leaky ResNet (docs/DESIGN.md §1): COI, energies in both forms, stationarity, balancedness, spectra."""
 import dataclasses
 import json
 import math
@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from . import _validate as check
 from . import reference as _ref
 # Imported by name: after `from .energies import energies` in __init__, the attribute leakycuda.energies
 # is the function, not this module.
@@ -131,6 +132,7 @@ class Analysis:
         p = self.positions.numpy()
         pl = p[1:]
         fig, ax = plt.subplots(2, 2, figsize=(11, 8))
+        fig.suptitle("diagnostics: Lt = %g, lam = %g, gamma0 = %g" % (self.Lt, self.lam, self.gamma0))
         a = ax[0, 0]
         coi = torch.where(self.coi_infinite, torch.full_like(self.coi_exact, float("nan")), self.coi_exact)
         a.plot(p, coi.numpy(), label="COI (exact; gaps: infinite)")
@@ -139,20 +141,21 @@ class Analysis:
         a.plot(pl, self.rank_estimate.numpy(), "--", label="-2H/Lt")
         a.plot(p, self.rank_estimate_momentum.numpy(), ":", label="-2H_B/Lt (momentum)")
         a.set_yscale("symlog", linthresh=1.0)
-        a.set_xlabel("p"), a.set_title("ranks"), a.legend(fontsize=7)
+        a.set_xlabel("depth p"), a.set_ylabel("rank (symlog)"), a.set_title("ranks"), a.legend(fontsize=7)
         a = ax[0, 1]
         a.plot(pl, self.kinetic.numpy(), label="kinetic")
         a.plot(pl, self.potential.numpy(), label="potential")
         a.plot(pl, self.hamiltonian.numpy(), label="H (Lagrangian)")
         a.plot(p, self.hamiltonian_momentum.numpy(), ":", label="H (momentum)")
         a.set_yscale("symlog", linthresh=1.0)
-        a.set_xlabel("p"), a.set_title("energies"), a.legend(fontsize=7)
+        a.set_xlabel("depth p"), a.set_ylabel("energy (symlog)"), a.set_title("energies"), a.legend(fontsize=7)
         a = ax[1, 0]
         a.semilogy(p, self.sv_X.clamp_min(1e-300).numpy(), lw=0.8)
-        a.set_xlabel("p"), a.set_title("singular values of X_l")
+        a.set_xlabel("depth p"), a.set_ylabel("singular value"), a.set_title("singular values of X_l")
         a = ax[1, 1]
         a.semilogy(pl, self.sv_W.clamp_min(1e-300).numpy(), lw=0.8)
-        a.set_xlabel("p"), a.set_title("singular values of W_l (balance gap %.2g)" % self.balance_gap)
+        a.set_xlabel("depth p"), a.set_ylabel("singular value")
+        a.set_title("singular values of W_l (balance gap %.2g)" % self.balance_gap)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -162,9 +165,8 @@ class Analysis:
 def _param(model, name):
     t = getattr(model, name, None)
     if not isinstance(t, torch.Tensor):
-        raise TypeError("analyze needs a LeakyResNet-like model with a tensor .%s, got %s"
-                        % (name, type(model).__name__))
-    return t.detach()
+        check.fail(TypeError, "model", "a LeakyResNet-like model with a tensor .%s" % name, type(model).__name__)
+    return check.finite(t.detach(), "model.%s" % name, "the diagnostics of a diverged model are meaningless")
 
 
 def analyze(model, x, y, lam, gamma0=DEFAULT_GAMMA0, *, rcond=None, device="cpu", dtype=torch.float64):
@@ -175,19 +177,19 @@ def analyze(model, x, y, lam, gamma0=DEFAULT_GAMMA0, *, rcond=None, device="cpu"
     ``(1/N)||f(x) - y||_F^2``); gamma0: the layer-relative ridge of COI_gamma and the energies; rcond: the
     exact COI's cutoff (default max(N, w+1) eps). Everything is recomputed in ``dtype`` on ``device``
     (float64 on CPU by default), so it is exact to float64 whatever the model's own device and dtype.
-    Returns an :class:`Analysis`.
+    Returns an :class:`Analysis`. Every argument is checked first (ValueError / TypeError naming it);
+    x, y and the model's tensors must be finite.
     """
-    if not (isinstance(lam, (int, float)) and lam > 0 and math.isfinite(lam)):
-        raise ValueError("lam must be a finite number > 0 (B_l = -(1/lam) dC/dX_l), got %r" % (lam,))
-    kw = dict(device=device, dtype=dtype)
+    lam = check.real(lam, "lam", low=0.0, strict=True, what="B_l = -(1/lam) dC/dX_l")
+    gamma0 = check.real(gamma0, "gamma0", low=0.0, strict=True, what="the relative ridge of COI_gamma")
+    kw = dict(device=check.device(device), dtype=check.float_dtype(dtype))
     W, rho = _param(model, "weight").to(**kw), _param(model, "rho").to(**kw)
     P_in, P_out = _param(model, "proj_in").to(**kw), _param(model, "proj_out").to(**kw)
-    Lt = float(model.effective_depth)
-    x, y = x.detach().to(**kw), y.detach().to(**kw)
-    L, w = W.shape[0], W.shape[1]
+    Lt = check.real(getattr(model, "effective_depth", None), "model.effective_depth", low=0.0)
+    x = check.finite(check.matrix(x, "x", None, P_in.shape[1], cols_name="d_in"), "x").detach().to(**kw)
     N = x.shape[0]
-    if y.shape != (N, P_out.shape[0]):
-        raise ValueError("y must be [N, d_out] = [%d, %d], got %s" % (N, P_out.shape[0], tuple(y.shape)))
+    y = check.finite(check.matrix(y, "y", N, P_out.shape[0], cols_name="d_out"), "y").detach().to(**kw)
+    L, w = W.shape[0], W.shape[1]
 
     # Forward layer by layer, keeping every X_l in the graph: dC/dX_l is then the backpropagated G_l.
     with torch.enable_grad():

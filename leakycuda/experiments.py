@@ -1,20 +1,24 @@
 """The demo and the sweeps behind the paper's Figures 1 and 2: train, measure, write JSON and PNGs."""
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
+import warnings
 
 import torch
 
+from . import _validate as check
 from . import plots
 from ._env import machine_info
-from .data import bottleneck_task
-from .module import LeakyResNet
-from .train import fit
+from .data import TEACHERS, bottleneck_task
+from .module import INITS, STEP_SCHEMES, LeakyResNet
+from .steps import StepOvershootWarning, check_irregularity
+from .train import DivergenceError, fit
 
 __all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "plot_fig1",
-           "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run"]
+           "plot_demo", "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run"]
 
 
 @dataclasses.dataclass
@@ -39,16 +43,45 @@ class RunConfig:
     adapt_every: int = 50
     gamma0: float = 1e-2
 
+    def check(self):
+        """Checks every field (ValueError / TypeError naming it), so that a run fails before any training.
+
+        The energies and the rank estimate -2H/Lt need Lt > 0, the diagnostics lam > 0.
+        """
+        inner = tuple(check.integer(k, "inner", low=1) for k in self.inner)
+        if not inner or min(inner) > TASK_D:
+            check.fail(ValueError, "inner", "non-empty with min(inner) <= d = %d" % TASK_D, repr(self.inner))
+        check.choice(self.teacher, "teacher", TEACHERS)
+        check.integer(self.n_train, "n_train", low=2, what="training points")
+        check.integer(self.n_test, "n_test", low=0, what="test points")
+        check.integer(self.width, "width", low=1, what="the width w of the representations")
+        check.integer(self.depth, "depth", low=1, what="the number of layers L")
+        check.real(self.Lt, "Lt", low=0.0, strict=True, what="the effective depth; the energies need Lt > 0")
+        check.choice(self.steps, "steps", STEP_SCHEMES)
+        check_irregularity(self.a)
+        check.choice(self.init, "init", ("auto",) + INITS)
+        check.real(self.lam, "lam", low=0.0, strict=True, what="the regularization strength")
+        check.integer(self.adam_steps, "adam_steps", low=0, what="Adam steps")
+        check.integer(self.sgd_steps, "sgd_steps", low=0, what="SGD steps")
+        check.real(self.adam_lr, "adam_lr", low=0.0, strict=True, what="the Adam learning rate")
+        check.real(self.sgd_lr, "sgd_lr", low=0.0, strict=True, what="the SGD learning rate")
+        check.integer(self.adapt_every, "adapt_every", low=1)
+        check.real(self.gamma0, "gamma0", low=0.0, strict=True, what="the relative ridge of COI_gamma")
+        return self
+
     def resolved_init(self):
         """ "auto": a random init below Lt = 8, V_l ≈ Lt*I + noise from Lt = 8 on.
 
-        DESIGN.md §1: random inits collapse to all-zero weights at large Lt (seen here at Lt = 8 with
+        docs/DESIGN.md §1: random inits collapse to all-zero weights at large Lt (seen here at Lt = 8 with
         width 48), the identity init trains there but keeps more large singular values.
         """
         if self.init != "auto":
             return self.init
         return "random" if self.Lt < 8.0 else "identity"
 
+
+#: The input and output dimension d of every task here (the paper's 30).
+TASK_D = 30
 
 # The demo: the 30 -> 3 -> 30 task at Lt = 6 with the paper's step counts (5000 Adam + 1000 SGD), reduced
 # to width 64 and 500 training points (paper: 100 and 1000) so that it runs in under a minute on 2 CPU cores.
@@ -70,25 +103,73 @@ FIG2 = {
 }
 
 
+def check_run(cfg, out, *, seeds=(0,), device="cpu", dtype=torch.float32, **sweep):
+    """Checks a run's settings before any training (ValueError / TypeError naming the setting) and returns
+    them normalised: (cfg, out, seeds, device, dtype, sweep). ``seeds``: an int count or distinct seeds >= 0;
+    ``sweep``: Lts (distinct, > 0), depths (distinct, >= 1), schemes (distinct step schemes); None keeps the preset.
+    The command line reports the same errors against its flags.
+    """
+    if not isinstance(cfg, RunConfig):
+        check.fail(TypeError, "cfg", "a RunConfig", type(cfg).__name__)
+    cfg.check()
+    out = check.writable_path(out, "out", folder=True)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = range(check.integer(seeds, "seeds", low=1, what="a count"))
+    seeds = list(check.distinct(seeds, "seeds", lambda v, n: check.integer(v, n, low=0), sort=False))
+    device = check.device(device)
+    if device.type == "meta":
+        check.fail(ValueError, "device", "'cpu' or 'cuda[:i]' (a run computes real numbers)", "'meta'")
+    dtype = check.float_dtype(dtype)
+    items = {"Lts": lambda v, n: check.real(v, n, low=0.0, strict=True, what="an effective depth"),
+             "depths": lambda v, n: check.integer(v, n, low=1, what="a number of layers"),
+             "schemes": lambda v, n: check.choice(v, n, STEP_SCHEMES)}
+    for name, values in sweep.items():
+        if values is not None:
+            sweep[name] = check.distinct(values, name, items[name], sort=name != "schemes")
+    return cfg, out, seeds, device, dtype, sweep
+
+
 def make_task(cfg, seed, device, dtype):
-    return bottleneck_task(d=30, inner=cfg.inner, n_train=cfg.n_train, n_test=cfg.n_test, seed=seed,
+    return bottleneck_task(d=TASK_D, inner=cfg.inner, n_train=cfg.n_train, n_test=cfg.n_test, seed=seed,
                            teacher=cfg.teacher, dtype=dtype, device=device)
 
 
 def train_run(cfg, seed=0, *, device="cpu", dtype=torch.float32, task=None, progress=None, desc=None,
               history_path=None, checkpoint_path=None):
-    """Builds the task and a LeakyResNet (both seeded by ``seed``) and fits them; returns (model, task, result)."""
+    """Builds the task and a LeakyResNet (both seeded by ``seed``) and fits them; returns (model, task, result).
+
+    Steps with rho_l * Lt > 1 (from the settings or from adaptive updates) are not warned about here:
+    ``result.max_rho_Lt`` holds the largest value reached, and the runners print it with the run.
+    """
     if task is None:
         task = make_task(cfg, seed, device, dtype)
     torch.manual_seed(1000 + seed)
-    model = LeakyResNet(task.d, task.d, cfg.width, cfg.depth, cfg.Lt, steps=cfg.steps,
-                        a=cfg.a if cfg.steps == "irregular" else 0.0, init=cfg.resolved_init(),
-                        device=device, dtype=dtype)
-    result = fit(model, task, cfg.lam, adam_steps=cfg.adam_steps, adam_lr=cfg.adam_lr, sgd_steps=cfg.sgd_steps,
-                 sgd_lr=cfg.sgd_lr, adapt_every=cfg.adapt_every,
-                 log_every=max(1, (cfg.adam_steps + cfg.sgd_steps) // 50),
-                 progress=progress, desc=desc, history_path=history_path, checkpoint_path=checkpoint_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepOvershootWarning)
+        model = LeakyResNet(task.d, task.d, cfg.width, cfg.depth, cfg.Lt, steps=cfg.steps,
+                            a=cfg.a if cfg.steps == "irregular" else 0.0, init=cfg.resolved_init(),
+                            device=device, dtype=dtype)
+        result = fit(model, task, cfg.lam, adam_steps=cfg.adam_steps, adam_lr=cfg.adam_lr, sgd_steps=cfg.sgd_steps,
+                     sgd_lr=cfg.sgd_lr, adapt_every=cfg.adapt_every,
+                     log_every=max(1, (cfg.adam_steps + cfg.sgd_steps) // 50),
+                     progress=progress, desc=desc, history_path=history_path, checkpoint_path=checkpoint_path)
     return model, task, result
+
+
+@contextlib.contextmanager
+def _named_run(desc):
+    """Puts the name of a sweep's run in front of a DivergenceError's message."""
+    try:
+        yield
+    except DivergenceError as e:
+        e.args = ("%s: %s" % (desc, e.args[0]),) + e.args[1:]
+        raise
+
+
+def _overshoot(result):
+    """A note for a run's log line when some rho_l * Lt exceeded 1 (the skip connection went negative)."""
+    r = result.max_rho_Lt
+    return "  [max rho_l*Lt = %.3g > 1: negative skip connection]" % r if r > 1.0 else ""
 
 
 def _field(res, name):
@@ -127,7 +208,8 @@ def rank_summary(stats):
     """Median, min and max over layers of -2H/Lt, min_l COI, and the integer bottleneck-rank estimate.
 
     The theory brackets the bottleneck rank: -2H/Lt <= k* <= min_l COI (both tighten as Lt grows).
-    ``rank`` is the integer nearest the middle of [median(-2H/Lt), min COI]; ``bracket_integers``
+    ``rank`` is the integer nearest the middle of [median(-2H/Lt), min COI] (at least 0: a rank is never
+    negative; None when an end is not finite); ``bracket_integers``
     counts the integers in that interval and ``bracket_ok`` says whether there is exactly one.
     """
     r = torch.tensor(stats["rank_estimate"], dtype=torch.float64)
@@ -136,31 +218,48 @@ def rank_summary(stats):
     ints = [k for k in range(max(0, math.ceil(lo)), math.floor(hi) + 1)] if math.isfinite(lo + hi) else []
     return {"rank_median": lo, "rank_min": float(r.min()), "rank_max": float(r.max()), "coi_min": hi,
             "coi_argmin_layer": int(coi.argmin()) + 1,
-            "rank": int(round((lo + hi) / 2)) if math.isfinite(lo + hi) else None,
+            "rank": max(0, int(round((lo + hi) / 2))) if math.isfinite(lo + hi) else None,
             "bracket_ok": len(ints) == 1, "bracket_integers": len(ints)}
 
 
 def layer_table(report):
-    """A compact aligned table of a :class:`leakycuda.diagnostics.Analysis`: one row per layer l = 1..L.
+    """A compact aligned table of a :class:`leakycuda.diagnostics.Analysis`: one row per layer l = 1..L,
+    under a legend of its columns (COI_g, COI, resid and srank describe X_{l-1}, the layer's input).
 
-    COI_g: the stable COI_gamma(X_{l-1}); COI: the exact COI of X_{l-1} (* where the theory calls it
-    infinite); KE, V, H: kinetic, potential and Hamiltonian energy of layer l; -2H/Lt: the rank estimate;
-    srank: the stable rank of X_{l-1}; |W|^2: ||W_l||_F^2.
+    COI_g: the stable COI_gamma (``<`` marks its minimum over layers, the upper end of the rank
+    bracket); COI: the exact COI's finite pseudo-inverse value; resid: ||S S^+ X - X||_F / ||X||_F,
+    how far X lies outside the range of S = sigma(X) (the theory's COI is infinite unless it is 0);
+    KE, V, H: kinetic, potential and Hamiltonian energy of layer l; -2H/Lt: the rank estimate;
+    srank: the stable rank; |W|^2: ||W_l||_F^2.
     """
-    cols = ("l", "p_l", "COI_g", "COI", "KE", "V", "H", "-2H/Lt", "srank", "|W|^2")
+    cols = ("l", "p_l", "COI_g", "COI", "resid", "KE", "V", "H", "-2H/Lt", "srank", "|W|^2")
+    x_norm = report.sv_X.square().sum(-1).sqrt()
+    resid = report.coi_residual / x_norm.clamp_min(1e-300)
+    argmin = int(report.coi_gamma[:-1].argmin()) + 1 if report.depth else 0
     rows = [cols]
     for l in range(1, report.depth + 1):
-        coi = "%.4g%s" % (float(report.coi_exact[l - 1]), "*" if bool(report.coi_infinite[l - 1]) else "")
-        rows.append((str(l), "%.3f" % float(report.positions[l]), "%.4g" % float(report.coi_gamma[l - 1]), coi,
+        rows.append((str(l), "%.3f" % float(report.positions[l]),
+                     "%s%.4g" % ("<" if l == argmin else "", float(report.coi_gamma[l - 1])),
+                     "%.4g" % float(report.coi_exact[l - 1]), "%.1e" % float(resid[l - 1]),
                      "%.4g" % float(report.kinetic[l - 1]), "%.4g" % float(report.potential[l - 1]),
                      "%.4g" % float(report.hamiltonian[l - 1]), "%.3f" % float(report.rank_estimate[l - 1]),
                      "%.3f" % float(report.stable_rank[l - 1]), "%.4g" % float(report.balance_lhs[l - 1])))
     widths = [max(len(r[j]) for r in rows) for j in range(len(cols))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    head = ("per layer l (metric of X_{l-1}; Lt = %g, gamma0 = %g; COI*: residual > 0, infinite in theory)"
-            % (report.Lt, report.gamma0))
-    return "\n".join([head] + lines)
+    legend = [
+        "per layer l = 1..L (Lt = %g, gamma0 = %g); COI_g, COI, resid and srank describe X_{l-1}, the layer's input:"
+        % (report.Lt, report.gamma0),
+        "  p_l     depth of X_l (rho_1 + ... + rho_l)",
+        "  COI_g   stable Cost of Identity, gamma = gamma0 ||sigma(X)||_op^2; '<' marks its minimum over the layers",
+        "  COI     exact Cost of Identity ||S^+ X||_F^2 with S = sigma(X) (the pseudo-inverse's finite value)",
+        "  resid   ||S S^+ X - X||_F / ||X||_F: how far X lies outside the range of S (the theory's COI is "
+        "infinite unless 0)",
+        "  KE, V, H  kinetic, potential and Hamiltonian energy of layer l (metric of X_{l-1});  -2H/Lt  the rank "
+        "estimate",
+        "  srank   stable rank ||X||_*^2 / ||X||_F^2;  |W|^2  ||W_l||_F^2",
+    ]
+    return "\n".join(legend + [""] + lines)
 
 
 def _final(result):
@@ -179,6 +278,8 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
     """Trains the demo model, prints the per-layer table and the rank estimate, writes PNGs and JSON to ``out``."""
     from .diagnostics import analyze
 
+    seed = check.integer(seed, "seed", low=0)
+    cfg, out, _, device, dtype, _ = check_run(cfg, out, seeds=[seed], device=device, dtype=dtype)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     log("leakycuda demo: task 30 -> %s -> 30 (k* = %d), %d training points; LeakyResNet width %d, L = %d, "
@@ -189,8 +290,8 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
                                     history_path=os.path.join(out, "history.json"))
     t_train = time.perf_counter() - t0
     fin = _final(result)
-    log("trained in %.1f s: train MSE %.4g, test MSE %.4g, regularization %.4g"
-        % (t_train, fin["train_mse"], fin["test_mse"], fin["reg"]))
+    log("trained in %.1f s: train MSE %.4g, test MSE %.4g, regularization %.4g%s"
+        % (t_train, fin["train_mse"], fin["test_mse"], fin["reg"], _overshoot(result)))
     report = analyze(model, task.x_train, task.y_train, cfg.lam, gamma0=cfg.gamma0)
     stats = layer_stats(model, task.x_train, cfg.gamma0)
     summary = rank_summary(stats)
@@ -204,21 +305,15 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
         log("  no integer lies in that bracket (the two estimates have not met k* yet); the nearest one is shown")
     elif summary["bracket_integers"] > 1:
         log("  the bracket holds %d integers: train longer or raise Lt to tighten it" % summary["bracket_integers"])
-    files = {
-        "spectra": plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
-                                      os.path.join(out, "spectra.png"), rank=task.rank,
-                                      title="Lt = %g, L = %d: singular values across depth" % (cfg.Lt, cfg.depth)),
-        "energies": plots.plot_energies(stats["p_mid"], stats["kinetic"], stats["potential"], stats["hamiltonian"],
-                                        os.path.join(out, "energies.png"), title="Lt = %g" % cfg.Lt),
-        "history_plot": plots.plot_history(result.history, os.path.join(out, "history.png")),
-        "history": os.path.join(out, "history.json"),
-    }
+    files = plot_demo({"config": dataclasses.asdict(cfg), "task": task.describe(), "layers": stats}, result.history, out)
+    files.update(history=os.path.join(out, "history.json"), history_csv=os.path.join(out, "history.csv"))
     files["json"] = os.path.join(out, "demo.json")
     _dump({"config": dataclasses.asdict(cfg), "seed": seed, "task": task.describe(), "machine": machine_info(device),
            "train_seconds": t_train, "final": fin, "summary": summary, "layers": stats,
            "diagnostics": json.loads(report.to_json()), "files": _names(files)}, files["json"])
     log("")
-    log("wrote %s" % ", ".join(files[k] for k in ("spectra", "energies", "history_plot", "json")))
+    log("wrote %s" % ", ".join(files[k] for k in ("spectra", "energies", "history_plot", "history", "history_csv",
+                                                   "json")))
     log("total %.1f s" % (time.perf_counter() - t0))
     return {"summary": summary, "final": fin, "files": files, "layers": stats}
 
@@ -226,10 +321,6 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
 def _names(files):
     """File names relative to the output folder (the JSON stays valid when the folder moves)."""
     return {k: os.path.basename(v) for k, v in files.items()}
-
-
-def _seed_list(seeds):
-    return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
 
 
 def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,), Lts=None, overrides=None,
@@ -241,23 +332,26 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
     """
     preset = FIG1["quick" if quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **(overrides or {}))
-    Lts = tuple(float(v) for v in (Lts or preset["Lts"]))
-    seeds = _seed_list(seeds)
+    cfg, out, seeds, device, dtype, sweep = check_run(cfg, out, seeds=seeds, device=device, dtype=dtype,
+                                                      Lts=preset["Lts"] if Lts is None else Lts)
+    Lts = sweep["Lts"]
     t0 = time.perf_counter()
     runs = []
     for Lt in Lts:
         for seed in seeds:
             c = dataclasses.replace(cfg, Lt=Lt)
             t = time.perf_counter()
-            model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress,
-                                            desc="fig1 Lt=%g seed=%d" % (Lt, seed))
+            desc = "fig1 Lt=%g seed=%d" % (Lt, seed)
+            with _named_run(desc):
+                model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress, desc=desc)
             stats = layer_stats(model, task.x_train, c.gamma0, top=20)
             summary = rank_summary(stats)
             runs.append({"Lt": Lt, "seed": seed, "init": c.resolved_init(), "seconds": time.perf_counter() - t,
-                         "final": _final(result), "summary": summary, "layers": stats})
-            log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  (%.0f s)"
+                         "final": _final(result), "max_rho_Lt": result.max_rho_Lt, "summary": summary,
+                         "layers": stats})
+            log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  (%.0f s)%s"
                 % (Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
-                   summary["rank_max"], summary["coi_min"], runs[-1]["seconds"]))
+                   summary["rank_max"], summary["coi_min"], runs[-1]["seconds"], _overshoot(result)))
     data = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
             "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs}
     files = plot_fig1(data, out)
@@ -275,9 +369,10 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
     (``fig2b.png``); everything in ``fig2.json`` under ``out``."""
     preset = FIG2["quick" if quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **(overrides or {}))
-    depths = tuple(int(v) for v in (depths or preset["depths"]))
-    schemes = tuple(schemes or preset["schemes"])
-    seeds = _seed_list(seeds)
+    cfg, out, seeds, device, dtype, sweep = check_run(
+        cfg, out, seeds=seeds, device=device, dtype=dtype, depths=preset["depths"] if depths is None else depths,
+        schemes=preset["schemes"] if schemes is None else schemes)
+    depths, schemes = sweep["depths"], sweep["schemes"]
     t0 = time.perf_counter()
     runs = []
     for scheme in schemes:
@@ -285,13 +380,17 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
             for seed in seeds:
                 c = dataclasses.replace(cfg, depth=L, steps=scheme, a=preset["a"] if scheme == "irregular" else 0.0)
                 t = time.perf_counter()
-                model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress,
-                                                desc="fig2 %s L=%d seed=%d" % (scheme, L, seed))
+                desc = "fig2 %s L=%d seed=%d" % (scheme, L, seed)
+                with _named_run(desc):
+                    model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress,
+                                                    desc=desc)
                 stats = layer_stats(model, task.x_train, c.gamma0, top=20)
                 runs.append({"scheme": scheme, "L": L, "seed": seed, "seconds": time.perf_counter() - t,
-                             "final": _final(result), "summary": rank_summary(stats), "layers": stats})
-                log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  (%.0f s)"
-                    % (scheme, L, seed, result.final["test_mse"], result.final["train_mse"], runs[-1]["seconds"]))
+                             "final": _final(result), "max_rho_Lt": result.max_rho_Lt, "summary": rank_summary(stats),
+                             "layers": stats})
+                log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  (%.0f s)%s"
+                    % (scheme, L, seed, result.final["test_mse"], result.final["train_mse"], runs[-1]["seconds"],
+                       _overshoot(result)))
     data = {"figure": "fig2", "quick": quick, "config": dataclasses.asdict(cfg), "depths": list(depths),
             "schemes": list(schemes), "a": preset["a"], "seeds": seeds, "machine": machine_info(device),
             "seconds": time.perf_counter() - t0, "runs": runs,
@@ -311,7 +410,8 @@ def plot_fig1(data, out):
     grid = lambda key: [[r["summary"][key] for r in runs if r["Lt"] == Lt] for Lt in Lts]  # noqa: E731
     switch = next((r["Lt"] for r in runs if r.get("init") == "identity"), None)
     files = {"fig1a": plots.plot_fig1a(Lts, grid("rank_median"), grid("rank_min"), grid("rank_max"), grid("coi_min"),
-                                       os.path.join(out, "fig1a.png"), k_star=k, init_switch=switch)}
+                                       os.path.join(out, "fig1a.png"), k_star=k, init_switch=switch,
+                                       depth=data["config"]["depth"])}
     last = [r for r in runs if r["Lt"] == Lts[-1]][0]
     stats, Lt, L = last["layers"], last["Lt"], data["config"]["depth"]
     files["fig1b"] = plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
@@ -328,14 +428,38 @@ def plot_fig2(data, out):
     spectra = {}
     for s in schemes:
         r = [r for r in data["runs"] if r["scheme"] == s and r["L"] == depths[-1]][0]
-        spectra[s] = (r["layers"]["p_mid"], r["layers"]["sv_w"])
+        spectra[s] = (r["layers"]["p_mid"], r["layers"]["sv_w"], r["layers"]["p"])
     return {"fig2a": plots.plot_fig2a(depths, data["test_mse"], os.path.join(out, "fig2a.png")),
             "fig2b": plots.plot_fig2b(spectra, os.path.join(out, "fig2b.png"), rank=k)}
 
 
+def plot_demo(data, history, out):
+    """The demo's PNGs from a demo.json dict and its history records: spectra.png, energies.png, history.png."""
+    cfg, stats, k = data["config"], data["layers"], data["task"]["rank"]
+    return {
+        "spectra": plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
+                                      os.path.join(out, "spectra.png"), rank=k,
+                                      title="Lt = %g, L = %d: singular values across depth" % (cfg["Lt"], cfg["depth"])),
+        "energies": plots.plot_energies(stats["p_mid"], stats["kinetic"], stats["potential"], stats["hamiltonian"],
+                                        os.path.join(out, "energies.png"), title="Lt = %g" % cfg["Lt"]),
+        "history_plot": plots.plot_history(history, os.path.join(out, "history.png"),
+                                           title="demo training: Lt = %g, L = %d, lam = %g"
+                                           % (cfg["Lt"], cfg["depth"], cfg["lam"]),
+                                           switch=cfg["adam_steps"] if cfg["adam_steps"] and cfg["sgd_steps"] else None),
+    }
+
+
 def replot(json_path, out=None):
-    """Redraws the PNGs of a figure run from its fig1.json or fig2.json into ``out`` (default: beside the JSON)."""
+    """Redraws the PNGs of a run from its fig1.json, fig2.json or demo.json (with the history.json beside it)
+    into ``out`` (default: beside the JSON)."""
     with open(json_path) as f:
         data = json.load(f)
-    out = out or os.path.dirname(os.path.abspath(json_path))
+    here = os.path.dirname(os.path.abspath(json_path))
+    out = out or here
+    if not isinstance(data, dict) or not ("layers" in data or data.get("figure") in ("fig1", "fig2")):
+        check.fail(ValueError, "json_path", "a fig1.json, fig2.json or demo.json written by leakycuda",
+                   "%s, which is none of them" % json_path)
+    if "figure" not in data:
+        with open(os.path.join(here, data.get("files", {}).get("history", "history.json"))) as f:
+            return plot_demo(data, json.load(f), out)
     return (plot_fig1 if data["figure"] == "fig1" else plot_fig2)(data, out)

@@ -1,10 +1,13 @@
-"""LeakyResNet: the nn.Module of a Leaky ResNet (projections around a stack of leaky layers), DESIGN.md §1 and §3."""
+"""LeakyResNet: the nn.Module of a Leaky ResNet (projections around a stack of leaky layers), docs/DESIGN.md §1 and §3."""
 import math
 import numbers
+import warnings
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
+from . import _validate as check
 from . import steps as _steps
 from .functional import checkpoint_interval, leaky_stack
 
@@ -13,12 +16,25 @@ __all__ = ["LeakyResNet"]
 STEP_SCHEMES = ("equidistant", "irregular", "adaptive")
 INITS = ("random", "identity")
 _STATE_VERSION = 1
+# Settings a loaded state dict must agree on (strict loading), or that it replaces (strict=False).
+_MUST_MATCH = ("effective_depth", "steps", "a")
+# Floating dtypes the stack op runs in on each device.
+_DTYPES = {"cpu": (torch.float32, torch.float64),
+           "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
 
 def _positive_int(value, name, what):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError("%s must be a positive integer (%s), got %r" % (name, what, value))
-    return int(value)
+    return check.integer(value, name, low=1, what=what)
+
+
+def _check_factory(device, dtype):
+    """LeakyResNet(device=, dtype=): a floating dtype the stack op supports on that device."""
+    device = check.device(device) or torch.get_default_device()
+    dtype = check.float_dtype(dtype if dtype is not None else torch.get_default_dtype())
+    allowed = _DTYPES.get(device.type)
+    if allowed is not None and dtype not in allowed:
+        check.fail(TypeError, "dtype", "one of %s on %s (the dtypes the leaky stack runs in there)"
+                   % (", ".join(str(d) for d in allowed), device.type), str(dtype))
 
 
 def _effective_depth(value):
@@ -35,7 +51,7 @@ def _effective_depth(value):
 class LeakyResNet(nn.Module):
     """A Leaky ResNet: x [N, d_in] -> X_0 = x P_in^T -> L leaky layers -> y = X_L P_out^T [N, d_out].
 
-    Leaky layer l = 1..L (DESIGN.md §1), with sigma(X) = [relu(X), 1] and W_l = [V_l | b_l]:
+    Leaky layer l = 1..L (docs/DESIGN.md §1), with sigma(X) = [relu(X), 1] and W_l = [V_l | b_l]:
     ``X_l = (1 - rho_l*Lt) X_{l-1} + rho_l * sigma(X_{l-1}) @ W_l^T``.
 
     Args:
@@ -60,7 +76,8 @@ class LeakyResNet(nn.Module):
             make large Lt trainable at all.
         checkpoint: None (keep every X_l for backward), an int k (keep every k-th, recompute the
             rest) or "sqrt" (k = ceil(sqrt(L))); passed to ``leaky_stack`` in :meth:`forward`.
-        device, dtype: as in ``torch.nn.Linear``.
+        device, dtype: as in ``torch.nn.Linear``; dtype float32 or float64 on CPU, also float16 and
+            bfloat16 on CUDA. Inputs must have the model's dtype and device (no silent casts).
 
     Attributes:
         weight: [L, w, w+1] Parameter, weight[l] = W_{l+1} = [V | b].
@@ -72,11 +89,16 @@ class LeakyResNet(nn.Module):
     A warning (not an error) is raised whenever some rho_l * Lt > 1 (at construction, after
     :meth:`adapt_steps`, when Lt is set or a state dict is loaded): the skip connection changes
     sign there.
+
+    ``load_state_dict`` refuses (ValueError) a state dict saved with another effective depth, step
+    scheme or irregularity ``a`` than this model's; with ``strict=False`` it adopts the saved ones
+    and warns.
     """
 
     def __init__(self, in_features, out_features, width, depth, effective_depth, steps="equidistant",
                  learn_projections=True, *, a=0.0, init="random", checkpoint=None, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
+        _check_factory(device, dtype)
         super().__init__()
         self.in_features = _positive_int(in_features, "in_features", "d_in, the input size")
         self.out_features = _positive_int(out_features, "out_features", "d_out, the output size")
@@ -164,10 +186,19 @@ class LeakyResNet(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def _embed(self, x):
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError("x must be [N, in_features] = [N, %d], got %s" % (self.in_features, got))
-        return x @ self.proj_in.transpose(0, 1)
+        check.tensor(x, "x", "[N, in_features] = [N, %d]" % self.in_features)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            check.fail(ValueError, "x", "[N, in_features] = [N, %d]" % self.in_features, "shape %s" % (list(x.shape),))
+        P = self.proj_in
+        if P.dtype not in _DTYPES.get(P.device.type, (P.dtype,)):
+            check.fail(TypeError, "the model's dtype", "one of %s on %s (convert it with model.to(...))"
+                       % (", ".join(map(str, _DTYPES[P.device.type])), P.device.type), str(P.dtype))
+        if x.dtype != P.dtype:
+            check.fail(TypeError, "x", "of the model's dtype %s (cast it with x.to(%s), or the model with "
+                       "model.to(%s))" % (P.dtype, P.dtype, x.dtype), str(x.dtype))
+        if x.device != P.device:
+            check.fail(ValueError, "x", "on the model's device %s" % P.device, str(x.device))
+        return x @ P.transpose(0, 1)
 
     def forward(self, x):
         """x: [N, d_in] -> y: [N, d_out] = leaky_stack(x P_in^T, W, rho, Lt) P_out^T."""
@@ -184,6 +215,8 @@ class LeakyResNet(nn.Module):
 
         Add it to the data cost: loss = C(y) + model.regularization(lam). rho is treated as a constant.
         """
+        if not isinstance(lam, torch.Tensor):
+            lam = check.real(lam, "lam", low=0.0, what="the regularization strength")
         scale = lam / 2.0 if self._effective_depth == 0.0 else lam / (2.0 * self._effective_depth)
         norms = self.weight.square().sum(dim=(1, 2))
         return scale * (self.rho.detach() * norms).sum()
@@ -219,14 +252,34 @@ class LeakyResNet(nn.Module):
 
     def set_extra_state(self, state):
         if not isinstance(state, dict) or "effective_depth" not in state or "steps" not in state:
-            raise RuntimeError("LeakyResNet extra state must be a dict with 'effective_depth' and 'steps' "
-                               "(written by get_extra_state), got %r" % (state,))
+            check.fail(ValueError, "the state dict's LeakyResNet extra state", "a dict with 'effective_depth' and "
+                       "'steps' (written by get_extra_state)", repr(state))
         self._effective_depth = _effective_depth(state["effective_depth"])
         self.steps = _steps.check_scheme(state["steps"], STEP_SCHEMES, name="steps")
         self.a = _steps.check_irregularity(state.get("a", 0.0))
         self.init = _steps.check_scheme(state.get("init", self.init), INITS, name="init")
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """As ``nn.Module.load_state_dict``; ``strict=False`` also adopts another saved Lt / step scheme / a."""
+        self._adopt_settings = not strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            del self._adopt_settings
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # torch passes strict=True here whatever the caller asked; load_state_dict above records it.
+        saved = state_dict.get(prefix + _EXTRA_STATE_KEY_SUFFIX)
+        if isinstance(saved, dict):
+            mine = self.get_extra_state()
+            diff = [k for k in _MUST_MATCH if k in saved and saved[k] != mine[k]]
+            if diff:
+                what = ", ".join("%s=%r (this model: %r)" % (k, saved[k], mine[k]) for k in diff)
+                if not getattr(self, "_adopt_settings", False):
+                    check.fail(ValueError, "state_dict", "saved from a LeakyResNet with this model's settings; build "
+                               "the model with the saved ones, or load with strict=False to adopt them",
+                               "one saved with %s" % what)
+                warnings.warn("LeakyResNet.load_state_dict(strict=False): adopting the saved %s" % what, stacklevel=5)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         _steps.warn_if_overshoot(self.rho, self._effective_depth, where="LeakyResNet.load_state_dict",
                                  stacklevel=5)

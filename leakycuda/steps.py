@@ -1,4 +1,4 @@
-"""Layer-step schemes rho_1..rho_L (DESIGN.md §1): equidistant, irregular and the adaptive update."""
+"""Layer-step schemes rho_1..rho_L (docs/DESIGN.md §1): equidistant, irregular and the adaptive update."""
 import math
 import numbers
 import operator
@@ -6,8 +6,11 @@ import warnings
 
 import torch
 
+from . import _validate as check
+
 __all__ = [
     "SCHEMES",
+    "StepOvershootWarning",
     "adaptive_statistics",
     "adaptive_step_sizes",
     "step_sizes",
@@ -18,22 +21,24 @@ __all__ = [
 #: equidistant steps and is then updated from the representations by :func:`adaptive_step_sizes`.
 SCHEMES = ("equidistant", "irregular")
 
+
+
+class StepOvershootWarning(UserWarning):
+    """Some rho_l * Lt > 1: the skip connection 1 - rho_l*Lt of that layer is negative."""
+
+
 # Layers per chunk are picked so that one chunk of float64 temporaries holds at most this many numbers.
 _CHUNK_NUMEL = 1 << 22
 
 
 def check_depth(L, name="L"):
     """Returns L as an int, or raises: L must be a positive integer (the number of layers)."""
-    if isinstance(L, bool):
-        raise TypeError("%s must be a positive integer (the number of layers), got %r" % (name, L))
-    try:
-        n = operator.index(L)
-    except TypeError:
-        raise TypeError("%s must be a positive integer (the number of layers), got %r of type %s"
-                        % (name, L, type(L).__name__)) from None
-    if n < 1:
-        raise ValueError("%s must be a positive integer (the number of layers), got %d" % (name, n))
-    return n
+    if not isinstance(L, bool):
+        try:
+            L = operator.index(L)  # NumPy and 0-d integer tensors too
+        except TypeError:
+            pass
+    return check.integer(L, name, low=1, what="the number of layers")
 
 
 def check_irregularity(a, name="a"):
@@ -67,9 +72,13 @@ def step_sizes(L, scheme="equidistant", a=0.0, *, dtype=None, device=None):
       equidistant); the weights lie in [1 - a/4, 1 + a/4], so every step is positive.
 
     ``a`` is only used by the irregular scheme; a non-zero ``a`` with another scheme is an error.
-    Computed in float64 and returned as ``dtype`` (default: torch's default dtype) on ``device``.
+    Computed in float64 and returned as ``dtype`` (a floating dtype; default: torch's default dtype)
+    on ``device``.
     """
     L = check_depth(L)
+    if dtype is not None:
+        check.float_dtype(dtype)
+    device = check.device(device)
     scheme = check_scheme(scheme)
     a = check_irregularity(a)
     if scheme != "irregular" and a != 0.0:
@@ -85,9 +94,8 @@ def step_sizes(L, scheme="equidistant", a=0.0, *, dtype=None, device=None):
 
 
 def _check_xs(xs, L=None):
-    if not isinstance(xs, torch.Tensor):
-        raise TypeError("xs must be a tensor [L+1, N, w] of every representation X_0..X_L, got %s"
-                        % type(xs).__name__)
+    check.tensor(xs, "xs", "[L+1, N, w] of every representation X_0..X_L")
+    check.float_dtype(xs.dtype, "xs's dtype")
     if xs.dim() != 3 or xs.shape[0] < 2:
         raise ValueError("xs must be [L+1, N, w] with L >= 1 (every representation X_0..X_L), got shape %s"
                          % (tuple(xs.shape),))
@@ -97,9 +105,10 @@ def _check_xs(xs, L=None):
 
 
 def _check_rho(rho):
-    if not isinstance(rho, torch.Tensor) or rho.dim() != 1 or rho.numel() < 1:
-        got = tuple(rho.shape) if isinstance(rho, torch.Tensor) else type(rho).__name__
-        raise ValueError("rho must be a 1-d tensor [L] of the current layer steps, got %s" % (got,))
+    check.tensor(rho, "rho", "[L] of the current layer steps")
+    if rho.dim() != 1 or rho.numel() < 1:
+        raise ValueError("rho must be a 1-d tensor [L] of the current layer steps, got shape %s" % (tuple(rho.shape),))
+    check.float_dtype(rho.dtype, "rho's dtype")
     r = rho.detach()
     if not bool(torch.isfinite(r).all()) or not bool((r > 0).all()):
         raise ValueError("rho must hold finite positive steps rho_l > 0, got %s" % (r.tolist(),))
@@ -201,6 +210,8 @@ def adaptive_step_sizes(xs, rho, *, eps=1e-8, reduce=None):
     """
     _check_rho(rho)
     _check_xs(xs, rho.numel())
+    if reduce is not None and not callable(reduce):
+        check.fail(TypeError, "reduce", "None or a callable that sums the [2, L] statistics over ranks", repr(reduce))
     stats = adaptive_statistics(xs)
     if reduce is not None:
         out = reduce(stats)
@@ -216,7 +227,7 @@ def rho_Lt_violations(rho, Lt):
 
 
 def warn_if_overshoot(rho, Lt, *, where, stacklevel=3):
-    """Warns (does not fail) when some rho_l * Lt > 1 (DESIGN.md §1)."""
+    """Warns (a :class:`StepOvershootWarning`, not an error) when some rho_l * Lt > 1 (docs/DESIGN.md §1)."""
     bad = rho_Lt_violations(rho, Lt)
     if bad:
         worst = float(rho.detach().to(torch.float64).max()) * float(Lt)
@@ -225,5 +236,5 @@ def warn_if_overshoot(rho, Lt, *, where, stacklevel=3):
                       "connection 1 - rho_l*Lt is negative there. Use more layers (depth >= %d for "
                       "equidistant steps) or a smaller effective_depth."
                       % (where, len(bad), shown, worst, float(Lt), max(1, math.ceil(float(Lt)))),
-                      UserWarning, stacklevel=stacklevel)
+                      StepOvershootWarning, stacklevel=stacklevel)
     return bad

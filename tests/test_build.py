@@ -21,5 +21,5 @@ def test_mismatched_torch_raises_with_rebuild_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "leakycuda._build_info", fake)
     monkeypatch.setattr(leakycuda, "_build_info", fake, raising=False)
     with pytest.raises(ImportError, match=r"built against torch 1.0.0\+other .* but torch .* is installed; "
-                                          r"rebuild it: pip install --no-build-isolation"):
+                                          r"rebuild it in place: cd .* && pip install --no-build-isolation -e \."):
         _ops._load()

@@ -57,11 +57,23 @@ def test_info(capsys):
 
 
 def test_seeds_and_errors(capsys):
-    assert cli._seeds("3") == [0, 1, 2] and cli._seeds("4,7") == [4, 7] and cli._seeds("5,") == [5]
-    with pytest.raises(SystemExit):
-        cli.main(["demo", "--no-such-flag"])
-    with pytest.raises(SystemExit):
-        cli.main(["reproduce", "fig3"])
+    assert cli._seeds("3") == 3 and cli._seeds("4,7") == [4, 7] and cli._seeds("5,") == [5]
+    for argv in (["demo", "--no-such-flag"], ["reproduce", "fig3"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and argv[-1] in err
+
+
+def test_bad_flag_in_a_real_process_is_one_line_and_exit_2():
+    """The installed entry point's behaviour: a negative number with an exponent is read, then refused."""
+    r = subprocess.run([sys.executable, "-m", "leakycuda.cli", "demo", "--lr", "-1e-3"], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "leakycuda demo: error: argument --lr: must be a finite number > 0 (the Adam learning rate), got -0.001 "
+        "(see leakycuda demo --help)"]
 
 
 def test_console_entry_point_runs():

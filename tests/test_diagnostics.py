@@ -24,7 +24,7 @@ def _setup(Lt=1.5, L=6, w=5, N=14, seed=0):
 
 
 def _backprop(model, x, y):
-    """G_l = dC/dX_l by the DESIGN.md backward recursion, written out (no autograd)."""
+    """G_l = dC/dX_l by the docs/DESIGN.md §1.3 backward recursion, written out (no autograd)."""
     W, rho, Lt = model.weight.detach(), model.rho.detach(), float(model.effective_depth)
     xs = model.representations(x).detach()
     L, N, w = W.shape[0], x.shape[0], W.shape[1]

@@ -1,4 +1,4 @@
-"""Tests of leakycuda.LeakyResNet against the plain-PyTorch reference and the DESIGN.md §1 formulas in float64."""
+"""Tests of leakycuda.LeakyResNet against the plain-PyTorch reference and the docs/DESIGN.md §1 formulas in float64."""
 import math
 import warnings
 
@@ -190,7 +190,12 @@ def test_state_dict_round_trip(tmp_path, learn):
     sd = torch.load(path, weights_only=True)
     assert set(sd) >= {"weight", "proj_in", "proj_out", "rho"}
     other = _model(L=4, w=5, Lt=0.5, seed=3, steps="equidistant", learn_projections=learn)
-    other.load_state_dict(sd)
+    before = {k: v.clone() for k, v in other.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=r"state_dict .*effective_depth=1\.5 \(this model: 0\.5\).*steps='adaptive'"):
+        other.load_state_dict(sd)  # another Lt and scheme: refused, nothing loaded
+    assert other.Lt == 0.5 and all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
+    with pytest.warns(UserWarning, match="adopting the saved effective_depth=1.5"):
+        other.load_state_dict(sd, strict=False)
     assert other.effective_depth == 1.5 and other.Lt == 1.5 and isinstance(other.Lt, float)
     assert other.steps == "adaptive" and other.init == "identity"
     for name in ("weight", "proj_in", "proj_out", "rho"):
@@ -202,9 +207,11 @@ def test_state_dict_round_trip(tmp_path, learn):
 def test_state_dict_irregular_a(tmp_path):
     m = _model(L=5, steps="irregular", a=0.6)
     torch.save(m.state_dict(), tmp_path / "m.pt")
-    other = _model(L=5)
+    other = _model(L=5, steps="irregular", a=0.6)
     other.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     assert other.steps == "irregular" and other.a == 0.6
+    with pytest.raises(ValueError, match=r"a=0\.6 \(this model: 0\.3\)"):
+        _model(L=5, steps="irregular", a=0.3).load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     torch.testing.assert_close(other.initial_steps(), lc.step_sizes(5, "irregular", 0.6, dtype=F64))
 
 
@@ -281,11 +288,11 @@ def test_warns_after_adapt_steps(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
-    ({"in_features": 0}, ValueError, "in_features must be a positive integer.*got 0"),
-    ({"out_features": 2.0}, ValueError, "out_features must be a positive integer.*got 2.0"),
-    ({"width": -1}, ValueError, "width must be a positive integer.*got -1"),
-    ({"depth": 0}, ValueError, "depth must be a positive integer.*got 0"),
-    ({"depth": True}, ValueError, "depth must be a positive integer"),
+    ({"in_features": 0}, ValueError, "in_features must be an integer >= 1 .*got 0"),
+    ({"out_features": 2.0}, TypeError, "out_features must be an integer >= 1 .*got 2.0"),
+    ({"width": -1}, ValueError, "width must be an integer >= 1 .*got -1"),
+    ({"depth": 0}, ValueError, "depth must be an integer >= 1 .*got 0"),
+    ({"depth": True}, TypeError, "depth must be an integer >= 1"),
     ({"effective_depth": -1.0}, ValueError, "effective_depth must be a finite real number Lt >= 0, got -1.0"),
     ({"effective_depth": float("inf")}, ValueError, "effective_depth must be a finite"),
     ({"effective_depth": "2"}, TypeError, "effective_depth must be a real number"),
@@ -304,9 +311,15 @@ def test_bad_constructor_args(kwargs, err, match):
         LeakyResNet(**args)
 
 
-def test_bad_input_shape():
-    with pytest.raises(ValueError, match=r"x must be \[N, in_features\] = \[N, 3\], got \(4, 5\)"):
+def test_bad_input_shape_dtype():
+    with pytest.raises(ValueError, match=r"x must be \[N, in_features\] = \[N, 3\], got shape \[4, 5\]"):
         _model()(torch.zeros(4, 5, dtype=F64))
+    with pytest.raises(TypeError, match=r"x must be of the model's dtype torch.float64 .*got torch.float32"):
+        _model()(torch.zeros(4, 3))
+    with pytest.raises(TypeError, match=r"dtype must be one of torch.float32, torch.float64 on cpu.*got torch.float16"):
+        LeakyResNet(3, 2, 4, 5, 1.0, dtype=torch.float16)
+    with pytest.raises(TypeError, match=r"dtype must be a floating dtype .*got torch.int64"):
+        LeakyResNet(3, 2, 4, 5, 1.0, dtype=torch.int64)
 
 
 # -- training --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests of the layer-step schemes in leakycuda.steps against the DESIGN.md §1 formulas written out here."""
+"""Tests of the layer-step schemes in leakycuda.steps against the docs/DESIGN.md §1 formulas written out here."""
 import math
 import warnings
 
@@ -80,11 +80,11 @@ def test_irregular_a0_is_equidistant():
 
 
 @pytest.mark.parametrize("L, err, match", [
-    (0, ValueError, "L must be a positive integer.*got 0"),
-    (-3, ValueError, "L must be a positive integer.*got -3"),
-    (2.5, TypeError, "L must be a positive integer.*2.5"),
-    (True, TypeError, "L must be a positive integer"),
-    ("4", TypeError, "L must be a positive integer"),
+    (0, ValueError, "L must be an integer >= 1 .*got 0"),
+    (-3, ValueError, "L must be an integer >= 1 .*got -3"),
+    (2.5, TypeError, "L must be an integer >= 1 .*2.5"),
+    (True, TypeError, "L must be an integer >= 1"),
+    ("4", TypeError, "L must be an integer >= 1"),
 ])
 def test_bad_L(L, err, match):
     with pytest.raises(err, match=match):
