@@ -11,8 +11,8 @@ import torch
 from . import _graph
 from . import _validate as check
 from .steps import StepOvershootWarning, rho_Lt_violations
-from .train import (DivergenceError, FitResult, _all_reduce_sum, _check_model, _check_settings, _check_task,
-                    _dist_info, _divergence, _load_resume, _make_optimizer, _progress_bar, _resume_path, _save_atomic)
+from .train import (FitResult, _all_reduce_sum, _check_model, _check_settings, _check_task, _dist_info, _divergence,
+                    _divergence_error, _load_resume, _make_optimizer, _progress_bar, _resume_path, _save_atomic)
 
 __all__ = ["EnsembleFitResult", "fit_ensemble", "save_ensemble_history"]
 
@@ -269,12 +269,9 @@ def fit_ensemble(model, task, lam, *, adam_steps, adam_lr, sgd_steps, sgd_lr, sg
             if history_path is not None and rank == 0:
                 save_ensemble_history(history, history_path)
             b = newly[-1]
-            _, threshold, _ = _divergence(rec["loss"][b], loss0[b], zero_mse[b], diverge_factor)
-            raise DivergenceError("training diverged: every member of the ensemble diverged, the last by step %d "
-                                  "(%s phase); lower %s" % (rec["step"], rec["phase"], "adam_lr" if rec["phase"] ==
-                                                            "adam" else "sgd_lr"),
-                                  step=rec["step"], phase=rec["phase"], loss=rec["loss"][b], threshold=threshold,
-                                  result=result())
+            member_rec = {"step": rec["step"], "phase": rec["phase"], "loss": rec["loss"][b]}
+            raise _divergence_error(member_rec, loss0[b], zero_mse[b], diverge_factor, (adam_lr, sgd_lr), history_path,
+                                    result(), who=" (every member of the ensemble; the last, member %d)" % b)
 
     def checkpoint():
         if checkpoint_path is None or rank != 0:

@@ -156,6 +156,21 @@ def _divergence(loss, loss0, zero_mse, factor):
     return not (math.isfinite(loss) and (threshold is None or loss <= threshold)), threshold, scale
 
 
+def _divergence_error(rec, loss0, zero_mse, factor, lrs, history_path, result, who=""):
+    """The :class:`DivergenceError` of a diverged record ``rec`` (one model's step, phase and loss) under
+    :func:`_divergence`'s rule; ``lrs`` = (adam_lr, sgd_lr) for the hint, ``who`` names the model when several train."""
+    loss = rec["loss"]
+    _, threshold, scale = _divergence(loss, loss0, zero_mse, factor)
+    lr_name, lr = ("adam_lr", lrs[0]) if rec["phase"] == "adam" else ("sgd_lr", lrs[1])
+    why = ("the loss became %s" % loss if not math.isfinite(loss) else
+           "the loss %.4g exceeds diverge_factor %g x the starting scale %.4g" % (loss, factor, scale))
+    where = "at the start (step 0)" if rec["step"] == 0 else "by step %d (%s phase)" % (rec["step"], rec["phase"])
+    hint = ("lower %s (now %g)" % (lr_name, lr)) if rec["step"] > 0 else "check the model's initial weights"
+    return DivergenceError("training diverged%s: %s %s; %s%s" % (who, why, where, hint, "; history in %s"
+                                                               % history_path if history_path else ""),
+                           step=rec["step"], phase=rec["phase"], loss=loss, threshold=threshold, result=result)
+
+
 def _progress_bar(total, step, desc, progress):
     """A tqdm bar on stderr for steps step..total (None when there is nothing left); shown when stderr is a
     terminal with ``progress=None``."""
@@ -440,9 +455,7 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
             save_history(history, history_path)
 
     def check_divergence(rec):
-        loss = rec["loss"]
-        bad, threshold, scale = _divergence(loss, history[0]["loss"] if history else None, zero_mse, diverge_factor)
-        if not bad:
+        if not _divergence(rec["loss"], history[0]["loss"] if history else None, zero_mse, diverge_factor)[0]:
             return
         if history and history[-1] is not rec:
             history.append(rec)
@@ -450,16 +463,9 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
             bar.close()
         if history_path is not None and rank == 0:
             save_history(history, history_path)
-        lr_name, lr = ("adam_lr", adam_lr) if rec["phase"] == "adam" else ("sgd_lr", sgd_lr)
-        why = ("the loss became %s" % loss if not math.isfinite(loss) else
-               "the loss %.4g exceeds diverge_factor %g x the starting scale %.4g" % (loss, diverge_factor, scale))
-        where = "at the start (step 0)" if rec["step"] == 0 else "by step %d (%s phase)" % (rec["step"], rec["phase"])
-        hint = ("lower %s (now %g)" % (lr_name, lr)) if rec["step"] > 0 else "check the model's initial weights"
-        raise DivergenceError("training diverged: %s %s; %s%s" % (why, where, hint,
-                                                                  "; history in %s" % history_path if history_path else ""),
-                              step=rec["step"], phase=rec["phase"], loss=loss, threshold=threshold,
-                              result=FitResult(history=history, steps=rec["step"], wall_s=time.perf_counter() - t0,
-                                               resumed_from=resumed_from, max_rho_Lt=max_rho_Lt))
+        raise _divergence_error(rec, history[0]["loss"], zero_mse, diverge_factor, (adam_lr, sgd_lr), history_path,
+                                FitResult(history=history, steps=rec["step"], wall_s=time.perf_counter() - t0,
+                                          resumed_from=resumed_from, max_rho_Lt=max_rho_Lt))
 
     bar = _progress_bar(total, step, desc or "fit", progress) if rank == 0 else None
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ from leakycuda import _graph
 from leakycuda.data import bottleneck_task
 from leakycuda.diagnostics import analyze
 from leakycuda.ensemble import LeakyEnsemble
-from leakycuda.train import fit, load_checkpoint
+from leakycuda.train import DivergenceError, fit, load_checkpoint
 
 F64 = torch.float64
 # Three members that differ in everything a member may differ in.
@@ -297,7 +297,7 @@ def test_every_member_diverging_raises():
 
     ens = _ensemble(depth=3, effective_depth=1.0, steps="equidistant", a=0.0, init="random", seeds=[0, 1])
     with pytest.warns(UserWarning, match=r"member\(s\) \[0, 1\] diverged by step 3"), \
-            pytest.raises(FloatingPointError, match="every member"):
+            pytest.raises(DivergenceError, match="every member"):
         fit(ens, _tasks(2), 1e-2, adam_steps=20, sgd_steps=0, log_every=1, callback=poison)
 
 
