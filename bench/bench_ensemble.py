@@ -15,7 +15,8 @@ CPU threads: ``--threads`` (default 1) for this process and the children. On a m
 two OpenMP threads on two cores wait on each other at every parallel region and ran a small stack 20x slower than
 one thread did, so the committed CPU numbers use one thread per process.
 
-Usage: python bench/bench_ensemble.py [--device cpu|cuda] [--threads 1] [--rounds 2] [--seeds 3] [--skip-fig1] [--out FILE]
+Usage: python bench/bench_ensemble.py [--device cpu|cuda] [--threads 1] [--rounds 2] [--seeds 3] [--skip-fig1]
+                                [--out FILE]
 """
 import argparse
 import json

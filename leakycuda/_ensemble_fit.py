@@ -14,10 +14,14 @@ from .steps import StepOvershootWarning, rho_Lt_violations
 from .train import (FitResult, _all_reduce_sum, _check_model, _check_settings, _check_task, _dist_info, _divergence,
                     _divergence_error, _load_resume, _make_optimizer, _progress_bar, _resume_path, _save_atomic)
 
-__all__ = ["EnsembleFitResult", "fit_ensemble", "save_ensemble_history"]
+__all__ = ["EnsembleFitResult", "MemberDivergedWarning", "fit_ensemble", "save_ensemble_history"]
 
 CHECKPOINT_FORMAT = "leakycuda.fit_ensemble/1"
 _MEMBER_FIELDS = ("loss", "train_mse", "reg", "test_mse")
+
+
+class MemberDivergedWarning(UserWarning):
+    """Some members of an ensemble diverged and were stopped; the others train on."""
 
 
 @dataclasses.dataclass
@@ -126,10 +130,10 @@ def fit_ensemble(model, task, lam, *, adam_steps, adam_lr, sgd_steps, sgd_lr, sg
     alone, up to float rounding (the batched op and reductions may round differently).
 
     Divergence: fit's rule, per member, at every logged step and before every checkpoint. A diverged
-    member is stopped, not the run: a UserWarning names it, its gradients are masked to zero and its
-    optimizer state (Adam's moments, SGD's momentum) is zeroed, so its parameters stay bitwise where
-    they were (Adam would otherwise keep moving it on its momentum), its adaptive steps stop too, and
-    the other members go on unaffected (members never mix). When every member has diverged, fit
+    member is stopped, not the run: a :class:`MemberDivergedWarning` names it, its gradients are
+    masked to zero and its optimizer state (Adam's moments, SGD's momentum) is zeroed, so its
+    parameters stay bitwise where they were (Adam would otherwise keep moving it on its momentum),
+    its adaptive steps stop too, and the other members go on unaffected (members never mix). When every member has diverged, fit
     raises :class:`~leakycuda.train.DivergenceError` (its ``result`` an :class:`EnsembleFitResult`).
 
     Everything else (recipe, adaptive steps with one all-reduce of every member's statistics,
@@ -259,8 +263,8 @@ def fit_ensemble(model, task, lam, *, adam_steps, adam_lr, sgd_steps, sgd_lr, sg
                     if isinstance(v, torch.Tensor) and v.shape == p.shape:
                         v[newly] = 0
         warnings.warn("fit: member(s) %s diverged by step %d (loss %s); they are stopped, the other %d go on"
-                      % (newly, rec["step"], ["%.4g" % rec["loss"][b] for b in newly], B - n_frozen()), UserWarning,
-                      stacklevel=4)
+                      % (newly, rec["step"], ["%.4g" % rec["loss"][b] for b in newly], B - n_frozen()),
+                      MemberDivergedWarning, stacklevel=4)
         if n_frozen() == B:
             if history and history[-1] is not rec:
                 history.append(rec)

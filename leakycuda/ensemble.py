@@ -1,4 +1,4 @@
-"""LeakyEnsemble: B Leaky ResNets held as one module, so that a sweep runs as one batched stack op per step (issue 10)."""
+"""LeakyEnsemble: B Leaky ResNets held as one module, so that a sweep runs as one batched stack op per step."""
 import contextlib
 import numbers
 import warnings

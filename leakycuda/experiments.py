@@ -12,13 +12,15 @@ import torch
 from . import _validate as check
 from . import plots
 from ._env import machine_info
+from ._ensemble_fit import MemberDivergedWarning
 from .data import TEACHERS, bottleneck_task
+from .ensemble import LeakyEnsemble
 from .module import INITS, STEP_SCHEMES, LeakyResNet
 from .steps import StepOvershootWarning, check_irregularity
-from .train import DivergenceError, fit
+from .train import DIVERGE_FACTOR, DivergenceError, _divergence_error, fit
 
 __all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "plot_fig1",
-           "plot_demo", "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run"]
+           "plot_demo", "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run", "train_runs"]
 
 
 @dataclasses.dataclass
@@ -154,6 +156,80 @@ def train_run(cfg, seed=0, *, device="cpu", dtype=torch.float32, task=None, prog
                      log_every=max(1, (cfg.adam_steps + cfg.sgd_steps) // 50),
                      progress=progress, desc=desc, history_path=history_path, checkpoint_path=checkpoint_path)
     return model, task, result
+
+
+#: The RunConfig fields that runs trained together as one LeakyEnsemble must share: the task's shape and the
+#: recipe. Lt, steps, a, init, lam and the seed may differ between members (and depth, by padding).
+ENSEMBLE_SHARED = ("inner", "teacher", "n_train", "n_test", "width", "adam_steps", "adam_lr", "sgd_steps", "sgd_lr",
+                   "adapt_every")
+
+
+def train_runs(plan, done, *, device="cpu", dtype=torch.float32, progress=None, sequential=False, pad_depths=False):
+    """Trains the runs ``plan`` = [(cfg, seed, desc), ...] and calls ``done(i, model, task, result, seconds)`` for
+    each, in plan order (model a LeakyResNet, result a FitResult, seconds its training time).
+
+    ``sequential=True``: :func:`train_run` one run after the other, each reported as soon as it ends.
+    Batched (the default): the runs that share :data:`ENSEMBLE_SHARED` (and the depth, unless
+    ``pad_depths``) train together as one :class:`~leakycuda.ensemble.LeakyEnsemble`; member i starts
+    from the weights train_run(cfg, seed) would draw, trains on the same task with the same recipe, and
+    is reported as the LeakyResNet :meth:`~leakycuda.ensemble.LeakyEnsemble.member` with its own
+    history, so the outputs equal the sequential ones up to float rounding. A group's wall time is
+    shared out evenly between its runs. Either way a diverged run raises the
+    :class:`~leakycuda.train.DivergenceError` that train_run would (the first in plan order, named by its
+    desc), once its group has trained.
+    """
+    for name, flag in (("sequential", sequential), ("pad_depths", pad_depths)):
+        if not isinstance(flag, bool):
+            check.fail(TypeError, name, "True or False", repr(flag))
+    if sequential:
+        for i, (cfg, seed, desc) in enumerate(plan):
+            t = time.perf_counter()
+            with _named_run(desc):
+                model, task, result = train_run(cfg, seed, device=device, dtype=dtype, progress=progress, desc=desc)
+            done(i, model, task, result, time.perf_counter() - t)
+        return
+    groups = {}
+    for i, (cfg, _, _) in enumerate(plan):
+        key = tuple(getattr(cfg, f) for f in ENSEMBLE_SHARED) + (() if pad_depths else (cfg.depth,))
+        groups.setdefault(key, []).append(i)
+    trained = {}
+    for members in groups.values():
+        trained.update(_train_group([plan[i] for i in members], members, device, dtype, progress))
+    for i in range(len(plan)):
+        done(i, *trained[i])
+
+
+def _train_group(runs, index, device, dtype, progress):
+    """One LeakyEnsemble fit of runs [(cfg, seed, desc)] that share ENSEMBLE_SHARED -> {index[b]: (model, task,
+    result, seconds)}."""
+    t = time.perf_counter()
+    cfgs, seeds = [r[0] for r in runs], [r[1] for r in runs]
+    c = cfgs[0]
+    tasks = [make_task(cfg, seed, device, dtype) for cfg, seed in zip(cfgs, seeds)]
+    desc = "%s (%d runs at once)" % (runs[0][2], len(runs)) if len(runs) > 1 else runs[0][2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepOvershootWarning)
+        warnings.simplefilter("ignore", MemberDivergedWarning)  # a diverged run raises below, as train_run's would
+        model = LeakyEnsemble(TASK_D, TASK_D, c.width, [cfg.depth for cfg in cfgs], [cfg.Lt for cfg in cfgs],
+                              steps=[cfg.steps for cfg in cfgs],
+                              a=[cfg.a if cfg.steps == "irregular" else 0.0 for cfg in cfgs],
+                              init=[cfg.resolved_init() for cfg in cfgs], seeds=[1000 + seed for seed in seeds],
+                              device=device, dtype=dtype)
+        try:
+            result = fit(model, tasks, [cfg.lam for cfg in cfgs], adam_steps=c.adam_steps, adam_lr=c.adam_lr,
+                         sgd_steps=c.sgd_steps, sgd_lr=c.sgd_lr, adapt_every=c.adapt_every,
+                         log_every=max(1, (c.adam_steps + c.sgd_steps) // 50), progress=progress, desc=desc)
+        except DivergenceError as e:  # every member diverged
+            result = e.result
+    first = next((b for b, step in enumerate(result.diverged) if step is not None), None)
+    if first is not None:
+        hist = result.member_history(first)
+        y = tasks[first].y_train
+        with _named_run(runs[first][2]):
+            raise _divergence_error(hist[-1], hist[0]["loss"], float(y.double().square().sum()) / y.shape[0],
+                                    DIVERGE_FACTOR, (c.adam_lr, c.sgd_lr), None, result.member(first))
+    share = (time.perf_counter() - t) / len(runs)
+    return {i: (model.member(b), tasks[b], result.member(b), share) for b, i in enumerate(index)}
 
 
 @contextlib.contextmanager
@@ -324,11 +400,13 @@ def _names(files):
 
 
 def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,), Lts=None, overrides=None,
-             progress=None, log=print):
+             progress=None, log=print, sequential=False):
     """Fig. 1a: sweep Lt at L = 20 on the 30 -> 3 -> 30 task; rank estimates and min COI against Lt.
 
     Writes ``fig1.json`` (config, machine, per run: final losses, rank summary and per-layer stats) and
     ``fig1a.png`` (plus ``fig1b_Lt<max>.png``, the spectra of the largest Lt, seed 0) to ``out``.
+    Every Lt x seed trains at once as one ensemble (:func:`train_runs`); ``sequential=True`` trains them
+    one at a time (the same numbers up to float rounding).
     """
     preset = FIG1["quick" if quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **(overrides or {}))
@@ -336,22 +414,20 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
                                                       Lts=preset["Lts"] if Lts is None else Lts)
     Lts = sweep["Lts"]
     t0 = time.perf_counter()
+    plan = [(dataclasses.replace(cfg, Lt=Lt), seed, "fig1 Lt=%g seed=%d" % (Lt, seed)) for Lt in Lts for seed in seeds]
     runs = []
-    for Lt in Lts:
-        for seed in seeds:
-            c = dataclasses.replace(cfg, Lt=Lt)
-            t = time.perf_counter()
-            desc = "fig1 Lt=%g seed=%d" % (Lt, seed)
-            with _named_run(desc):
-                model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress, desc=desc)
-            stats = layer_stats(model, task.x_train, c.gamma0, top=20)
-            summary = rank_summary(stats)
-            runs.append({"Lt": Lt, "seed": seed, "init": c.resolved_init(), "seconds": time.perf_counter() - t,
-                         "final": _final(result), "max_rho_Lt": result.max_rho_Lt, "summary": summary,
-                         "layers": stats})
-            log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  (%.0f s)%s"
-                % (Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
-                   summary["rank_max"], summary["coi_min"], runs[-1]["seconds"], _overshoot(result)))
+
+    def done(i, model, task, result, seconds):
+        (c, seed, _), t = plan[i], time.perf_counter()
+        stats = layer_stats(model, task.x_train, c.gamma0, top=20)
+        summary = rank_summary(stats)
+        runs.append({"Lt": c.Lt, "seed": seed, "init": c.resolved_init(), "seconds": seconds + time.perf_counter() - t,
+                     "final": _final(result), "max_rho_Lt": result.max_rho_Lt, "summary": summary, "layers": stats})
+        log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  (%.0f s)%s"
+            % (c.Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
+               summary["rank_max"], summary["coi_min"], runs[-1]["seconds"], _overshoot(result)))
+
+    train_runs(plan, done, device=device, dtype=dtype, progress=progress, sequential=sequential)
     data = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
             "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs}
     files = plot_fig1(data, out)
@@ -363,10 +439,14 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
 
 
 def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,), depths=None, schemes=None,
-             overrides=None, progress=None, log=print):
+             overrides=None, progress=None, log=print, sequential=False, pad_depths=False):
     """Fig. 2: Lt = 3 on the 30 -> 6 -> 3 -> 30 ResNet task; test error against L for each step scheme
     (``fig2a.png``) and the weight spectra across p with the layer positions marked at the largest L
-    (``fig2b.png``); everything in ``fig2.json`` under ``out``."""
+    (``fig2b.png``); everything in ``fig2.json`` under ``out``.
+
+    Per depth, every scheme x seed trains at once as one ensemble (:func:`train_runs`; with
+    ``pad_depths`` every run in a single ensemble, the shallower ones padded with identity layers);
+    ``sequential=True`` trains them one at a time (the same numbers up to float rounding)."""
     preset = FIG2["quick" if quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **(overrides or {}))
     cfg, out, seeds, device, dtype, sweep = check_run(
@@ -374,23 +454,21 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
         schemes=preset["schemes"] if schemes is None else schemes)
     depths, schemes = sweep["depths"], sweep["schemes"]
     t0 = time.perf_counter()
+    plan = [(dataclasses.replace(cfg, depth=L, steps=scheme, a=preset["a"] if scheme == "irregular" else 0.0), seed,
+             "fig2 %s L=%d seed=%d" % (scheme, L, seed)) for scheme in schemes for L in depths for seed in seeds]
     runs = []
-    for scheme in schemes:
-        for L in depths:
-            for seed in seeds:
-                c = dataclasses.replace(cfg, depth=L, steps=scheme, a=preset["a"] if scheme == "irregular" else 0.0)
-                t = time.perf_counter()
-                desc = "fig2 %s L=%d seed=%d" % (scheme, L, seed)
-                with _named_run(desc):
-                    model, task, result = train_run(c, seed, device=device, dtype=dtype, progress=progress,
-                                                    desc=desc)
-                stats = layer_stats(model, task.x_train, c.gamma0, top=20)
-                runs.append({"scheme": scheme, "L": L, "seed": seed, "seconds": time.perf_counter() - t,
-                             "final": _final(result), "max_rho_Lt": result.max_rho_Lt, "summary": rank_summary(stats),
-                             "layers": stats})
-                log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  (%.0f s)%s"
-                    % (scheme, L, seed, result.final["test_mse"], result.final["train_mse"], runs[-1]["seconds"],
-                       _overshoot(result)))
+
+    def done(i, model, task, result, seconds):
+        (c, seed, _), t = plan[i], time.perf_counter()
+        stats = layer_stats(model, task.x_train, c.gamma0, top=20)
+        runs.append({"scheme": c.steps, "L": c.depth, "seed": seed, "seconds": seconds + time.perf_counter() - t,
+                     "final": _final(result), "max_rho_Lt": result.max_rho_Lt, "summary": rank_summary(stats),
+                     "layers": stats})
+        log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  (%.0f s)%s"
+            % (c.steps, c.depth, seed, result.final["test_mse"], result.final["train_mse"], runs[-1]["seconds"],
+               _overshoot(result)))
+
+    train_runs(plan, done, device=device, dtype=dtype, progress=progress, sequential=sequential, pad_depths=pad_depths)
     data = {"figure": "fig2", "quick": quick, "config": dataclasses.asdict(cfg), "depths": list(depths),
             "schemes": list(schemes), "a": preset["a"], "seeds": seeds, "machine": machine_info(device),
             "seconds": time.perf_counter() - t0, "runs": runs,

@@ -183,7 +183,7 @@ def _progress_bar(total, step, desc, progress):
 
 
 def _resume_path(resume, checkpoint_path):
-    """The checkpoint to resume from (``resume`` a path, or True for checkpoint_path), or None when there is none yet."""
+    """The checkpoint to resume from (``resume`` a path, or True: checkpoint_path), or None when there is none yet."""
     path = resume if isinstance(resume, str) else (checkpoint_path if resume else None)
     return path if path is not None and os.path.exists(path) else None
 

@@ -1,5 +1,6 @@
 """Tests of LeakyEnsemble and its fit: members equal single LeakyResNets (init, forward, gradients, training), padding,
 divergence of one member, checkpoints, data parallelism, and the CUDA-graph training step (logic on CPU, CUDA runs)."""
+import json
 import os
 import socket
 import subprocess
@@ -345,6 +346,64 @@ def test_divergence_survives_resume(tmp_path):
         assert torch.equal(getattr(fresh, name)[0], saved["model"][name][0]), name
 
 
+# -- batched sweeps (reproduce fig1 / fig2) --------------------------------------------------------
+
+SMALL = dict(n_train=24, n_test=8, width=6, adam_steps=12, sgd_steps=4, adapt_every=4)
+
+
+def _numbers(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, "%s/%s" % (prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, "%s/%d" % (prefix, i))
+    elif isinstance(obj, float):
+        yield prefix, obj
+
+
+@pytest.mark.parametrize("figure", ["fig1", "fig2"])
+def test_reproduce_batched_equals_sequential(tmp_path, figure):
+    from leakycuda import experiments
+
+    run = experiments.run_fig1 if figure == "fig1" else experiments.run_fig2
+    kw = dict(quick=True, dtype=F64, seeds=2, overrides=SMALL, progress=False, log=lambda *a: None)
+    kw.update(Lts=[2.0, 9.0]) if figure == "fig1" else kw.update(depths=[3, 4])  # Lt 9: the identity init
+    modes = {"sequential": dict(sequential=True), "batched": {}}
+    if figure == "fig2":
+        modes["padded"] = dict(pad_depths=True)
+    data = {}
+    for mode, extra in modes.items():
+        run(str(tmp_path / mode), **kw, **extra)
+        with open(tmp_path / mode / ("%s.json" % figure)) as f:
+            data[mode] = json.load(f)
+        assert sorted(os.listdir(tmp_path / mode)) == sorted(os.listdir(tmp_path / "sequential"))
+    ref = data.pop("sequential")
+    for mode, got in data.items():
+        assert [{k: r[k] for k in ("Lt", "scheme", "L", "seed", "init") if k in r} for r in got["runs"]] == \
+            [{k: r[k] for k in ("Lt", "scheme", "L", "seed", "init") if k in r} for r in ref["runs"]]
+        for rg, rr in zip(got["runs"], ref["runs"]):
+            assert set(rg) == set(rr)
+            want = dict(_numbers({k: rr[k] for k in ("final", "summary", "layers", "max_rho_Lt")}))
+            for key, value in _numbers({k: rg[k] for k in ("final", "summary", "layers", "max_rho_Lt")}):
+                assert value == pytest.approx(want[key], rel=1e-7, abs=1e-9), (mode, key)
+
+
+def test_a_diverged_run_stops_the_batched_sweep_as_it_stops_the_sequential_one(tmp_path):
+    from leakycuda import experiments
+
+    kw = dict(quick=True, dtype=F64, seeds=1, Lts=[1.0, 2.0], overrides=dict(SMALL, adam_lr=1e3), progress=False,
+              log=lambda *a: None)
+    errors = []
+    for sequential in (True, False):
+        with pytest.raises(DivergenceError) as e:
+            experiments.run_fig1(str(tmp_path / str(sequential)), sequential=sequential, **kw)
+        errors.append(str(e.value))
+    assert errors[0].startswith("fig1 Lt=1 seed=0: training diverged") and errors[0] == errors[1]
+    with pytest.raises(TypeError, match="sequential"):
+        experiments.run_fig1(str(tmp_path / "x"), sequential="yes", **kw)
+
+
 # -- data parallelism -------------------------------------------------------------------------------
 
 def _ddp_worker(rank, port, out):
@@ -389,7 +448,8 @@ def test_ddp_ensemble_matches_one_process(tmp_path):
     for name, ref in ens.state_dict().items():
         if isinstance(ref, torch.Tensor):
             for r, got in enumerate(ranks):
-                torch.testing.assert_close(got["state"][name], ref, rtol=1e-9, atol=1e-11, msg="%s, rank %d" % (name, r))
+                torch.testing.assert_close(got["state"][name], ref, rtol=1e-9, atol=1e-11,
+                                           msg="%s, rank %d" % (name, r))
     for h0, hs in zip(ranks[0]["history"], single.history):
         assert h0["train_mse"] == pytest.approx(hs["train_mse"], rel=1e-9)
 
