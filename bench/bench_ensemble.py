@@ -5,6 +5,7 @@ Rows (every row on the device given; the variants of a row are timed in one proc
 - fig1: `leakycuda reproduce fig1 --seeds S` (``--quick`` on CPU, the paper preset on CUDA), batched and
   --sequential, each as its own niced child process, ``--rounds`` rounds alternating the order; wall seconds,
   and the largest differences between the two paths' fig1.json numbers (final losses, rank summaries).
+  On CUDA only the batched run, once, unless ``--fig1-sequential``.
 - step: one training step per model (fit's own loop: the time of fit at two step counts, differenced),
   B models as one ensemble vs one model at a time; on CUDA with and without the CUDA graph.
   CPU: the fig1 --quick members (B = 9: 3 Lt x 3 seeds, w = 32, N = 200, L = 20);
@@ -60,14 +61,13 @@ def compare_fig1(a, b):
     return worst
 
 
-def fig1_rows(device, seeds, rounds, quick, threads):
+def fig1_rows(device, seeds, rounds, quick, threads, variants=("batched", "sequential")):
     """`reproduce fig1` batched and --sequential, alternating, each in a niced child process."""
-    times = {"batched": [], "sequential": []}
+    times = {v: [] for v in variants}
     outputs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            order = ("batched", "sequential") if r % 2 == 0 else ("sequential", "batched")
-            for variant in order:
+            for variant in (variants if r % 2 == 0 else variants[::-1]):
                 out = os.path.join(tmp, "%s_%d" % (variant, r))
                 cmd = ["nice", "-n", "5", sys.executable, "-m", "leakycuda.cli", "reproduce", "fig1", "--seeds",
                        str(seeds), "--device", device, "--out", out, "--no-progress"]
@@ -83,14 +83,14 @@ def fig1_rows(device, seeds, rounds, quick, threads):
                 print("fig1 %s round %d: %.1f s" % (variant, r, wall), flush=True)
                 with open(os.path.join(out, "fig1.json")) as f:
                     outputs.setdefault(variant, json.load(f))
-    diff = compare_fig1(outputs["batched"], outputs["sequential"])
-    seq, bat = statistics.median(times["sequential"]), statistics.median(times["batched"])
     name = "reproduce fig1%s --seeds %d" % (" --quick" if quick else "", seeds)
-    return [{"row": name, "variant": v, "wall_s": statistics.median(times[v]), "walls_s": times[v],
-             "speedup": seq / statistics.median(times[v]),
-             "max_rel_diff_final": diff["final"], "max_rel_diff_summary": diff["summary"]} for v in ("sequential",
-                                                                                                      "batched")] \
-        + [{"row": name, "variant": "batched vs sequential", "speedup": seq / bat}]
+    rows = [{"row": name, "variant": v, "wall_s": statistics.median(times[v]), "walls_s": times[v]} for v in variants]
+    if len(variants) == 2:
+        diff = compare_fig1(outputs["batched"], outputs["sequential"])
+        rows.append({"row": name, "variant": "batched vs sequential",
+                     "speedup": statistics.median(times["sequential"]) / statistics.median(times["batched"]),
+                     "max_rel_diff_final": diff["final"], "max_rel_diff_summary": diff["summary"]})
+    return rows
 
 
 def step_rows(device, B, width, n, depth, repeats):
@@ -167,6 +167,8 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="fig1 runs of each path (alternating order)")
     p.add_argument("--repeats", type=int, default=40, help="extra fit steps timed per step row")
     p.add_argument("--skip-fig1", action="store_true")
+    p.add_argument("--fig1-sequential", action="store_true",
+                   help="CUDA: also time the paper-preset fig1 --sequential (CPU always times both)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/ensemble_<device>_<time>.json)")
     a = p.parse_args()
     cuda = a.device.startswith("cuda")
@@ -178,7 +180,9 @@ def main():
     else:
         rows += step_rows(a.device, 9, 32, 200, 20, a.repeats)
     if not a.skip_fig1:
-        rows += fig1_rows(a.device, a.seeds, a.rounds, quick=not cuda, threads=a.threads)
+        both = not cuda or a.fig1_sequential
+        rows += fig1_rows(a.device, a.seeds, a.rounds if both else 1, quick=not cuda, threads=a.threads,
+                          variants=("batched", "sequential") if both else ("batched",))
     print_table(rows, [
         ("row", "row", "{}"), ("variant", "variant", "{}"), ("wall_s", "wall s", "{:.1f}"), ("ms", "ms", "{:.3f}"),
         ("ms_per_model", "ms/model", "{:.3f}"), ("speedup", "speed-up", "{:.2f}x"),

@@ -33,3 +33,7 @@ tail -20 "$OUT/sanitize.log"
 echo "== benchmark"
 python bench/bench_stack_cuda.py --out "$OUT/bench_stack_cuda.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; tail -20 "$OUT/bench.log"
+
+echo "== ensemble benchmark (issue 10's GPU rows)"
+python bench/bench_ensemble.py --device cuda --out "$OUT/bench_ensemble_cuda.json" > "$OUT/bench_ensemble.log" 2>&1
+echo "bench_ensemble rc=$?"; tail -20 "$OUT/bench_ensemble.log"
