@@ -74,67 +74,36 @@ def num_states(L, k):
     return -(-L // k)
 
 
-def _check_devices(ref, ref_name, **tensors):
-    """Meta tensors mixed with real ones dispatch here: refuse them as the real kernels would."""
-    for name, t in tensors.items():
-        if t.device != ref.device:
-            raise RuntimeError("%s must be on the same device as %s (%s), got %s" % (name, ref_name, ref.device, t.device))
-
-
-@torch.library.register_fake("leakycuda::leaky_stack")
-def _leaky_stack_fake(x0, W, rho, Lt, return_all, checkpoint):
-    _check_devices(x0, "x0", W=W, rho=rho)
-    L, (N, w) = W.shape[0], x0.shape
-    out = x0.new_empty((L + 1, N, w)) if return_all else x0.new_empty((N, w))
-    states = x0.new_empty((0 if return_all else num_states(L, checkpoint), N, w))
-    return out, states
-
-
-@torch.library.register_fake("leakycuda::leaky_stack_backward")
-def _leaky_stack_backward_fake(grad, states, W, rho, Lt, checkpoint):
-    _check_devices(grad, "grad", states=states, W=W, rho=rho)
-    N, w = grad.shape[-2:]
-    return grad.new_empty((N, w)), torch.empty_like(W), torch.empty_like(rho)
-
-
-@torch.library.register_fake("leakycuda::leaky_layer")
-def _leaky_layer_fake(x, W, rho, Lt):
-    _check_devices(x, "x", W=W, rho=rho)
-    return torch.empty_like(x)
-
-
-@torch.library.register_fake("leakycuda::leaky_layer_backward")
-def _leaky_layer_backward_fake(grad, x, W, rho, Lt):
-    _check_devices(grad, "grad", x=x, W=W, rho=rho)
-    return torch.empty_like(x), torch.empty_like(W), torch.empty_like(rho)
+# The ops' fake (meta) implementations are C++ Meta kernels (csrc/ops.cpp) that run the kernels' own
+# argument checks on symbolic sizes; leaky_layer(_backward) reach them through the stack ops.
 
 
 def _leaky_stack_setup(ctx, inputs, output):
-    _, W, rho, Lt, return_all, checkpoint = inputs
+    _, W, rho, Lt, return_all, checkpoint, activation, model_Lt = inputs
     out, states = output
     ctx.mark_non_differentiable(states)
-    ctx.Lt = Lt
+    ctx.Lt, ctx.activation = Lt, activation
     # With every X_l returned, backward reads them from the output itself (interval 1).
     ctx.k = 1 if return_all else checkpoint
-    ctx.save_for_backward(out if return_all else states, W, rho)
+    ctx.save_for_backward(out if return_all else states, W, rho, model_Lt)
 
 
 def _leaky_stack_grad(ctx, dout, dstates):
-    saved, W, rho = ctx.saved_tensors
-    dx0, dW, drho = ops.leaky_stack_backward(dout, saved, W, rho, ctx.Lt, ctx.k)
-    return dx0, dW, drho, None, None, None
+    saved, W, rho, model_Lt = ctx.saved_tensors
+    dx0, dW, drho = ops.leaky_stack_backward(dout, saved, W, rho, ctx.Lt, ctx.k, ctx.activation, model_Lt)
+    return dx0, dW, drho, None, None, None, None, None
 
 
 def _leaky_layer_setup(ctx, inputs, output):
-    x, W, rho, Lt = inputs
-    ctx.Lt = Lt
+    x, W, rho, Lt, activation = inputs
+    ctx.Lt, ctx.activation = Lt, activation
     ctx.save_for_backward(x, W, rho)
 
 
 def _leaky_layer_grad(ctx, grad):
     x, W, rho = ctx.saved_tensors
-    dx, dW, drho = ops.leaky_layer_backward(grad, x, W, rho, ctx.Lt)
-    return dx, dW, drho, None
+    dx, dW, drho = ops.leaky_layer_backward(grad, x, W, rho, ctx.Lt, ctx.activation)
+    return dx, dW, drho, None, None
 
 
 torch.library.register_autograd("leakycuda::leaky_stack", _leaky_stack_grad, setup_context=_leaky_stack_setup)

@@ -9,7 +9,7 @@ from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from . import _validate as check
 from . import steps as _steps
-from .functional import checkpoint_interval, leaky_stack
+from .functional import check_activation, checkpoint_interval, leaky_stack
 
 __all__ = ["LeakyResNet"]
 
@@ -51,7 +51,8 @@ def _effective_depth(value):
 class LeakyResNet(nn.Module):
     """A Leaky ResNet: x [N, d_in] -> X_0 = x P_in^T -> L leaky layers -> y = X_L P_out^T [N, d_out].
 
-    Leaky layer l = 1..L (docs/DESIGN.md §1), with sigma(X) = [relu(X), 1] and W_l = [V_l | b_l]:
+    Leaky layer l = 1..L (docs/DESIGN.md §1), with sigma(X) = [relu(X), 1] (or [X, 1], see ``activation``)
+    and W_l = [V_l | b_l]:
     ``X_l = (1 - rho_l*Lt) X_{l-1} + rho_l * sigma(X_{l-1}) @ W_l^T``.
 
     Args:
@@ -76,6 +77,9 @@ class LeakyResNet(nn.Module):
             make large Lt trainable at all.
         checkpoint: None (keep every X_l for backward), an int k (keep every k-th, recompute the
             rest) or "sqrt" (k = ceil(sqrt(L))); passed to ``leaky_stack`` in :meth:`forward`.
+        activation: "relu" (sigma(X) = [relu(X), 1]) or "linear" (sigma(X) = [X, 1]; with
+            rho_l*Lt = 1 a deep linear network). Saved in the state dict; loading one saved with
+            another activation raises ValueError.
         device, dtype: as in ``torch.nn.Linear``; dtype float32 or float64 on CPU, also float16 and
             bfloat16 on CUDA. Inputs must have the model's dtype and device (no silent casts).
 
@@ -96,7 +100,8 @@ class LeakyResNet(nn.Module):
     """
 
     def __init__(self, in_features, out_features, width, depth, effective_depth, steps="equidistant",
-                 learn_projections=True, *, a=0.0, init="random", checkpoint=None, device=None, dtype=None):
+                 learn_projections=True, *, a=0.0, init="random", checkpoint=None, activation="relu",
+                 device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         _check_factory(device, dtype)
         super().__init__()
@@ -116,6 +121,7 @@ class LeakyResNet(nn.Module):
         self.learn_projections = learn_projections
         checkpoint_interval(self.depth, checkpoint)  # validates: None, "sqrt" or an int k >= 1
         self.checkpoint = checkpoint
+        self.activation = check_activation(activation)
 
         L, w = self.depth, self.width
         self.weight = nn.Parameter(torch.empty(L, w, w + 1, **factory_kwargs))
@@ -203,12 +209,13 @@ class LeakyResNet(nn.Module):
     def forward(self, x):
         """x: [N, d_in] -> y: [N, d_out] = leaky_stack(x P_in^T, W, rho, Lt) P_out^T."""
         X = leaky_stack(self._embed(x), self.weight, self.rho, self._effective_depth,
-                        checkpoint=self.checkpoint)
+                        checkpoint=self.checkpoint, activation=self.activation)
         return X @ self.proj_out.transpose(0, 1)
 
     def representations(self, x):
         """x: [N, d_in] -> every representation X_0..X_L: [L+1, N, w] (differentiable)."""
-        return leaky_stack(self._embed(x), self.weight, self.rho, self._effective_depth, return_all=True)
+        return leaky_stack(self._embed(x), self.weight, self.rho, self._effective_depth, return_all=True,
+                           activation=self.activation)
 
     def regularization(self, lam):
         """lam/(2*Lt) * sum_l rho_l ||W_l||_F^2 (lam/2 * ... when Lt = 0): a 0-d tensor, differentiable in weight.
@@ -246,18 +253,26 @@ class LeakyResNet(nn.Module):
 
     # -- state dict ------------------------------------------------------------------------------
     def get_extra_state(self):
-        """Lt and the step scheme, as plain Python values (loadable with weights_only=True)."""
+        """Lt, the step scheme and the activation, as plain Python values (loadable with weights_only=True)."""
         return {"version": _STATE_VERSION, "effective_depth": self._effective_depth, "steps": self.steps,
-                "a": self.a, "init": self.init}
+                "a": self.a, "init": self.init, "activation": self.activation}
 
     def set_extra_state(self, state):
         if not isinstance(state, dict) or "effective_depth" not in state or "steps" not in state:
             check.fail(ValueError, "the state dict's LeakyResNet extra state", "a dict with 'effective_depth' and "
                        "'steps' (written by get_extra_state)", repr(state))
+        self._check_loaded_activation(state)
         self._effective_depth = _effective_depth(state["effective_depth"])
         self.steps = _steps.check_scheme(state["steps"], STEP_SCHEMES, name="steps")
         self.a = _steps.check_irregularity(state.get("a", 0.0))
         self.init = _steps.check_scheme(state.get("init", self.init), INITS, name="init")
+
+    def _check_loaded_activation(self, state):
+        activation = state.get("activation", "relu")  # state dicts from before the option are relu
+        if activation != self.activation:
+            raise ValueError("the state dict was saved from a LeakyResNet with activation=%r, this one has "
+                             "activation=%r; build the model with activation=%r to load it"
+                             % (activation, self.activation, activation))
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """As ``nn.Module.load_state_dict``; ``strict=False`` also adopts another saved Lt / step scheme / a."""
@@ -270,7 +285,8 @@ class LeakyResNet(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # torch passes strict=True here whatever the caller asked; load_state_dict above records it.
         saved = state_dict.get(prefix + _EXTRA_STATE_KEY_SUFFIX)
-        if isinstance(saved, dict):
+        if isinstance(saved, dict):  # refuse before any tensor is copied in
+            self._check_loaded_activation(saved)
             mine = self.get_extra_state()
             diff = [k for k in _MUST_MATCH if k in saved and saved[k] != mine[k]]
             if diff:
@@ -290,7 +306,8 @@ class LeakyResNet(nn.Module):
                      self.steps))
         if self.steps == "irregular":
             s += ", a={:g}".format(self.a)
-        s += ", learn_projections={}, init={!r}".format(self.learn_projections, self.init)
+        s += ", learn_projections={}, init={!r}, activation={!r}".format(self.learn_projections, self.init,
+                                                                         self.activation)
         if self.checkpoint is not None:
             s += ", checkpoint={!r}".format(self.checkpoint)
         return s

@@ -2,24 +2,38 @@
 import torch
 
 
-def sigma(X, bias=True):
-    """sigma(X) = [relu(X), 1]: [..., N, w] -> [..., N, w+1] (or relu(X) alone when bias=False)."""
-    R = torch.relu(X)
+def sigma(X, bias=True, activation="relu"):
+    """sigma(X) = [act(X), 1]: [..., N, w] -> [..., N, w+1] (or act(X) alone when bias=False);
+    act is relu for activation="relu", the identity for "linear"."""
+    if activation == "relu":
+        R = torch.relu(X)
+    elif activation == "linear":
+        R = X
+    else:
+        raise ValueError('activation must be "relu" or "linear", got %r' % (activation,))
     if not bias:
         return R
     return torch.cat([R, torch.ones_like(X[..., :1])], dim=-1)
 
 
-def leaky_layer(x, W_l, rho_l, Lt):
+def leaky_layer(x, W_l, rho_l, Lt, *, activation="relu"):
     """One leaky residual layer: (1 - rho_l*Lt) x + rho_l * sigma(x) @ W_l^T; x [N, w], W_l [w, w+1]."""
-    return (1 - rho_l * Lt) * x + rho_l * (sigma(x) @ W_l.transpose(-1, -2))
+    return (1 - rho_l * Lt) * x + rho_l * (sigma(x, activation=activation) @ W_l.transpose(-1, -2))
 
 
-def leaky_stack(x0, W, rho, Lt, *, return_all=False):
-    """The stack of L leaky layers: x0 [N, w], W [L, w, w+1], rho [L] -> X_L [N, w] or all [L+1, N, w]."""
+def leaky_stack(x0, W, rho, Lt, *, return_all=False, activation="relu"):
+    """The stack of L leaky layers: x0 [N, w], W [L, w, w+1], rho [L] -> X_L [N, w] or all [L+1, N, w].
+
+    B models (W [B, L, w, w+1]): x0 [B, N, w], rho [B, L], Lt a float or one per model ([B]); model
+    b's stack runs on x0[b] -> [B, N, w] or [B, L+1, N, w].
+    """
+    if W.dim() == 4:
+        Lts = Lt if isinstance(Lt, (torch.Tensor, list, tuple)) else [Lt] * W.shape[0]
+        return torch.stack([leaky_stack(x0[b], W[b], rho[b], float(Lts[b]), return_all=return_all,
+                                        activation=activation) for b in range(W.shape[0])])
     xs = [x0]
     for l in range(W.shape[0]):
-        xs.append(leaky_layer(xs[-1], W[l], rho[l], Lt))
+        xs.append(leaky_layer(xs[-1], W[l], rho[l], Lt, activation=activation))
     return torch.stack(xs) if return_all else xs[-1]
 
 

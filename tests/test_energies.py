@@ -429,7 +429,7 @@ def test_bad_inputs():
     X = torch.randn(4, 10, 3)
     with pytest.raises(RuntimeError, match=r"X must be \[\.\.\., N, w\]"):
         E.cost_of_identity(torch.randn(5), 0.1)
-    with pytest.raises(RuntimeError, match="floating"):
+    with pytest.raises(TypeError, match="floating"):
         E.cost_of_identity(torch.ones(4, 3, dtype=torch.int64), 0.1)
     with pytest.raises(ValueError, match="gamma must be finite and > 0"):
         E.cost_of_identity(X, -1.0)
@@ -443,16 +443,16 @@ def test_bad_inputs():
         E.cost_of_identity(X, gamma0=-1)
     with pytest.raises(RuntimeError, match="M must be"):
         E.k_norm2(torch.randn(4, 9, 3), X, 0.1)
-    with pytest.raises(RuntimeError, match="M must have the same dtype"):
+    with pytest.raises(TypeError, match="M must have the same dtype"):
         E.k_norm2(X.double(), X, 0.1)
     xs, rho = torch.randn(4, 10, 3), torch.ones(3) / 3
-    with pytest.raises(RuntimeError, match=r"rho must be \[L\]"):
+    with pytest.raises(ValueError, match=r"rho must be \[L\]"):
         E.energies(xs, torch.ones(4), 1.0)
     with pytest.raises(RuntimeError, match="rho_l > 0"):
         E.energies(xs, torch.tensor([0.5, 0.0, 0.5]), 1.0)
-    with pytest.raises(RuntimeError, match=r"xs must be \[L\+1, N, w\]"):
+    with pytest.raises(ValueError, match=r"xs must be \[L\+1, N, w\]"):
         E.energies(torch.randn(10, 3), rho, 1.0)
-    with pytest.raises(RuntimeError, match="Lt must be finite"):
+    with pytest.raises(ValueError, match="Lt must be finite"):
         E.energies(xs, rho, math.inf)
     with pytest.raises(RuntimeError, match="gamma0 must be finite and > 0"):
         ops.cost_of_identity(X, None, 0.0, True)

@@ -27,7 +27,8 @@ def _reference_output(model, x):
     leaves = {n: t.detach().clone().requires_grad_(True)
               for n, t in [("weight", model.weight), ("proj_in", model.proj_in), ("proj_out", model.proj_out)]}
     xr = x.detach().clone().requires_grad_(True)
-    X = reference.leaky_stack(xr @ leaves["proj_in"].T, leaves["weight"], model.rho.detach(), model.Lt)
+    X = reference.leaky_stack(xr @ leaves["proj_in"].T, leaves["weight"], model.rho.detach(), model.Lt,
+                              activation=model.activation)
     return X @ leaves["proj_out"].T, leaves, xr
 
 
@@ -74,6 +75,24 @@ def test_forward_backward_vs_reference(L, steps, init, checkpoint, learn):
         assert {n for n, _ in m.named_parameters()} == {"weight"}
         assert not m.proj_in.requires_grad and not m.proj_out.requires_grad
     assert m.rho.grad is None and not m.rho.requires_grad
+
+
+@pytest.mark.parametrize("L, Lt, checkpoint", [(6, 1.5, None), (20, 3.0, 3)])
+def test_linear_activation_vs_reference(L, Lt, checkpoint):
+    """activation="linear": output, gradients and representations against the reference."""
+    m = _model(L=L, w=5, Lt=Lt, checkpoint=checkpoint, activation="linear")
+    x = _batch(9, 3).requires_grad_(True)
+    y = m(x)
+    y_ref, leaves, xr = _reference_output(m, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    assert (y - _model(L=L, w=5, Lt=Lt)(x)).abs().max() > 1e-3 * y.abs().max()  # same weights, relu: another function
+    g = _batch(9, 2, seed=7)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    for got, want in [(x.grad, xr.grad), (m.weight.grad, leaves["weight"].grad), (m.proj_in.grad, leaves["proj_in"].grad)]:
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m.representations(x)[-1], reference.leaky_stack(
+        x @ m.proj_in.T, m.weight, m.rho, Lt, activation="linear"), rtol=1e-10, atol=1e-12)
 
 
 def test_forward_vs_formula_written_out():
@@ -204,6 +223,27 @@ def test_state_dict_round_trip(tmp_path, learn):
     other.adapt_steps(x)  # the scheme came back too
 
 
+def test_state_dict_keeps_the_activation(tmp_path):
+    m = _model(L=4, activation="linear")
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    sd = torch.load(tmp_path / "m.pt", weights_only=True)
+    other = _model(L=4, seed=5, activation="linear")
+    other.load_state_dict(sd)
+    torch.testing.assert_close(other(_batch(4, 3)), m(_batch(4, 3)), rtol=0, atol=0)
+    relu = _model(L=4, seed=5)
+    before = {k: v.clone() for k, v in relu.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=r"saved from a LeakyResNet with activation='linear', this one has "
+                                         r"activation='relu'; build the model with activation='linear'"):
+        relu.load_state_dict(sd)
+    for k, v in before.items():  # refused before anything was copied in
+        assert torch.equal(relu.state_dict()[k], v), k
+    # A state dict from before the option (no "activation" entry) is a relu model's.
+    sd["_extra_state"] = {k: v for k, v in sd["_extra_state"].items() if k != "activation"}
+    relu.load_state_dict(sd)
+    with pytest.raises(ValueError, match="activation='relu', this one has activation='linear'"):
+        other.load_state_dict(sd)
+
+
 def test_state_dict_irregular_a(tmp_path):
     m = _model(L=5, steps="irregular", a=0.6)
     torch.save(m.state_dict(), tmp_path / "m.pt")
@@ -261,8 +301,10 @@ def test_reset_parameters_restores_rho():
 def test_extra_repr():
     r = repr(_model(L=4, w=6, Lt=1.5, steps="irregular", a=0.2, checkpoint=2))
     for part in ("in_features=3", "out_features=2", "width=6", "depth=4", "effective_depth=1.5",
-                 "steps='irregular'", "a=0.2", "learn_projections=True", "init='random'", "checkpoint=2"):
+                 "steps='irregular'", "a=0.2", "learn_projections=True", "init='random'", "checkpoint=2",
+                 "activation='relu'"):
         assert part in r
+    assert "activation='linear'" in repr(_model(activation="linear"))
 
 
 # -- warnings and errors ---------------------------------------------------------------------------
@@ -303,6 +345,8 @@ def test_warns_after_adapt_steps(monkeypatch):
     ({"learn_projections": "yes"}, TypeError, "learn_projections must be True or False"),
     ({"checkpoint": 0}, ValueError, "checkpoint must be None"),
     ({"checkpoint": "log"}, ValueError, "checkpoint must be None"),
+    ({"activation": "tanh"}, ValueError, "activation must be \"relu\" or \"linear\", got 'tanh'"),
+    ({"activation": None}, TypeError, "activation must be \"relu\" or \"linear\", got None"),
 ])
 def test_bad_constructor_args(kwargs, err, match):
     args = {"in_features": 3, "out_features": 2, "width": 4, "depth": 5, "effective_depth": 1.0}
