@@ -3,8 +3,8 @@ vs one model at a time, and on CUDA the issue's GPU rows (JSON + table).
 
 Rows (every row on the device given; the variants of a row are timed in one process, interleaved):
 - fig1: `leakycuda reproduce fig1 --seeds S` (``--quick`` on CPU, the paper preset on CUDA), batched and
-  --sequential, each as its own niced child process, ``--rounds`` rounds alternating the order; wall seconds,
-  and the largest differences between the two paths' fig1.json numbers (final losses, rank summaries).
+  --sequential, each as its own niced child process, ``--rounds`` rounds alternating the order; wall and CPU
+  seconds (user + system of the child: steadier than wall time on a shared machine), and the largest differences between the two paths' fig1.json numbers (final losses, rank summaries).
   On CUDA only the batched run, once, unless ``--fig1-sequential``.
 - step: one training step per model (fit's own loop: the time of fit at two step counts, differenced),
   B models as one ensemble vs one model at a time; on CUDA with and without the CUDA graph.
@@ -22,6 +22,7 @@ Usage: python bench/bench_ensemble.py [--device cpu|cuda] [--threads 1] [--round
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def compare_fig1(a, b):
 def fig1_rows(device, seeds, rounds, quick, threads, variants=("batched", "sequential")):
     """`reproduce fig1` batched and --sequential, alternating, each in a niced child process."""
     times = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
     outputs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
@@ -74,21 +76,26 @@ def fig1_rows(device, seeds, rounds, quick, threads, variants=("batched", "seque
                 cmd += ["--quick"] if quick else []
                 cmd += ["--sequential"] if variant == "sequential" else []
                 t0 = time.perf_counter()
+                c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                                      env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(threads)))
                 wall = time.perf_counter() - t0
+                c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 if res.returncode != 0:
                     raise RuntimeError("%s failed:\n%s" % (" ".join(cmd), res.stderr[-3000:]))
                 times[variant].append(wall)
-                print("fig1 %s round %d: %.1f s" % (variant, r, wall), flush=True)
+                cpu[variant].append(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)
+                print("fig1 %s round %d: %.1f s wall, %.1f s CPU" % (variant, r, wall, cpu[variant][-1]), flush=True)
                 with open(os.path.join(out, "fig1.json")) as f:
                     outputs.setdefault(variant, json.load(f))
     name = "reproduce fig1%s --seeds %d" % (" --quick" if quick else "", seeds)
-    rows = [{"row": name, "variant": v, "wall_s": statistics.median(times[v]), "walls_s": times[v]} for v in variants]
+    rows = [{"row": name, "variant": v, "wall_s": statistics.median(times[v]), "walls_s": times[v],
+             "cpu_s": statistics.median(cpu[v]), "cpus_s": cpu[v]} for v in variants]
     if len(variants) == 2:
         diff = compare_fig1(outputs["batched"], outputs["sequential"])
         rows.append({"row": name, "variant": "batched vs sequential",
                      "speedup": statistics.median(times["sequential"]) / statistics.median(times["batched"]),
+                     "cpu_speedup": statistics.median(cpu["sequential"]) / statistics.median(cpu["batched"]),
                      "max_rel_diff_final": diff["final"], "max_rel_diff_summary": diff["summary"]})
     return rows
 
@@ -184,8 +191,9 @@ def main():
         rows += fig1_rows(a.device, a.seeds, a.rounds if both else 1, quick=not cuda, threads=a.threads,
                           variants=("batched", "sequential") if both else ("batched",))
     print_table(rows, [
-        ("row", "row", "{}"), ("variant", "variant", "{}"), ("wall_s", "wall s", "{:.1f}"), ("ms", "ms", "{:.3f}"),
-        ("ms_per_model", "ms/model", "{:.3f}"), ("speedup", "speed-up", "{:.2f}x"),
+        ("row", "row", "{}"), ("variant", "variant", "{}"), ("wall_s", "wall s", "{:.1f}"), ("cpu_s", "CPU s", "{:.1f}"),
+        ("ms", "ms", "{:.3f}"), ("ms_per_model", "ms/model", "{:.3f}"), ("speedup", "speed-up", "{:.2f}x"),
+        ("cpu_speedup", "CPU speed-up", "{:.2f}x"),
         ("max_rel_diff_final", "max rel diff (final)", "{:.2g}"),
         ("max_rel_diff_summary", "max rel diff (ranks)", "{:.2g}"),
     ])
