@@ -6,9 +6,12 @@ import warnings
 import torch
 from torch import nn
 
+from . import _validate as check
 from . import steps as _steps
 from .functional import leaky_stack
-from .module import INITS, STEP_SCHEMES, LeakyResNet, _effective_depth
+from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
+
+from .module import INITS, STEP_SCHEMES, LeakyResNet, SavedSettings, _effective_depth
 
 __all__ = ["LeakyEnsemble"]
 
@@ -67,7 +70,7 @@ def _member_rng(device, seed):
         yield
 
 
-class LeakyEnsemble(nn.Module):
+class LeakyEnsemble(SavedSettings, nn.Module):
     """B Leaky ResNets in one module: y[b] = LeakyResNet_b(x[b]) for b = 0..B-1, one batched stack op per call.
 
     Why its own class (and not ``LeakyResNet(..., models=B)``): a LeakyResNet's settings are single
@@ -82,7 +85,7 @@ class LeakyEnsemble(nn.Module):
         in_features, out_features, width: shared by all members (d_in, d_out, w).
         depth, effective_depth, steps, a, init: as in :class:`~leakycuda.LeakyResNet`, each either one
             value for every member or a sequence of B values (one per member).
-        learn_projections, checkpoint, device, dtype: shared, as in LeakyResNet.
+        learn_projections, checkpoint, activation, device, dtype: shared, as in LeakyResNet.
         models: B; may be left out when some per-member argument (or ``seeds``) is a sequence.
         seeds: None, or a sequence of B seeds (ints, or None entries). Member b is initialised
             exactly as ``LeakyResNet(...)`` with its settings right after ``torch.manual_seed(seeds[b])``
@@ -105,7 +108,7 @@ class LeakyEnsemble(nn.Module):
 
     def __init__(self, in_features, out_features, width, depth, effective_depth, steps="equidistant",
                  learn_projections=True, *, models=None, a=0.0, init="random", seeds=None, checkpoint=None,
-                 device=None, dtype=None):
+                 activation="relu", device=None, dtype=None):
         super().__init__()
         per_member = dict(depth=depth, effective_depth=effective_depth, steps=steps, a=a, init=init)
         if seeds is not None and not _is_sequence(seeds):
@@ -113,7 +116,7 @@ class LeakyEnsemble(nn.Module):
         B = _member_count(models, dict(per_member, **({"seeds": seeds} if seeds is not None else {})))
         values = {k: _as_list(v) if _is_sequence(v) else [v] * B for k, v in per_member.items()}
         shared = dict(in_features=in_features, out_features=out_features, width=width,
-                      learn_projections=learn_projections, checkpoint=checkpoint)
+                      learn_projections=learn_projections, checkpoint=checkpoint, activation=activation)
         configs = [dict(shared, **{k: values[k][b] for k in _PER_MEMBER}) for b in range(B)]
         seeds = _as_list(seeds) if seeds is not None else [None] * B
         self._adopt(self._build(configs, seeds, device, dtype), seeds)
@@ -136,8 +139,8 @@ class LeakyEnsemble(nn.Module):
     def from_models(cls, models):
         """An ensemble holding copies of the LeakyResNets ``models`` (their weights, steps rho, Lt and settings).
 
-        They must share in_features, out_features, width, learn_projections, checkpoint, device and
-        dtype; depths, Lt, step schemes and inits may differ.
+        They must share in_features, out_features, width, learn_projections, checkpoint, activation,
+        device and dtype; depths, Lt, step schemes and inits may differ.
         """
         models = list(models)
         if not models or not all(isinstance(m, LeakyResNet) for m in models):
@@ -150,7 +153,7 @@ class LeakyEnsemble(nn.Module):
 
     def _adopt(self, members, seeds):
         first = members[0]
-        for name in ("in_features", "out_features", "width", "learn_projections", "checkpoint"):
+        for name in ("in_features", "out_features", "width", "learn_projections", "checkpoint", "activation"):
             got = [getattr(m, name) for m in members]
             if any(g != got[0] for g in got):
                 raise ValueError("the members of an ensemble must share %s, got %s" % (name, got))
@@ -160,6 +163,7 @@ class LeakyEnsemble(nn.Module):
                 raise ValueError("the members of an ensemble must share the weights' %s, got %s" % (name, got))
         self.in_features, self.out_features, self.width = first.in_features, first.out_features, first.width
         self.learn_projections, self.checkpoint = first.learn_projections, first.checkpoint
+        self.activation = first.activation
         self.depths = tuple(m.depth for m in members)
         self._Lts = [m.effective_depth for m in members]
         self.steps = tuple(m.steps for m in members)
@@ -195,7 +199,7 @@ class LeakyEnsemble(nn.Module):
         return dict(in_features=self.in_features, out_features=self.out_features, width=self.width,
                     depth=self.depths[b], effective_depth=self._Lts[b], steps=self.steps[b],
                     learn_projections=self.learn_projections, a=self.a[b], init=self.init[b],
-                    checkpoint=self.checkpoint)
+                    checkpoint=self.checkpoint, activation=self.activation)
 
     def reset_parameters(self, seeds=None):
         """Re-initialises every member as :class:`LeakyResNet` would (see ``seeds`` in the class docstring)."""
@@ -307,7 +311,8 @@ class LeakyEnsemble(nn.Module):
 
     def forward(self, x):
         """x: [N, d_in] (every member sees it) or [B, N, d_in] (member b sees x[b]) -> y: [B, N, d_out]."""
-        X = leaky_stack(self._embed(x), self.weight, self.rho, self._stack_Lt(), checkpoint=self.checkpoint)
+        X = leaky_stack(self._embed(x), self.weight, self.rho, self._stack_Lt(), checkpoint=self.checkpoint,
+                        activation=self.activation)
         return X @ self.proj_out.transpose(-1, -2)
 
     def representations(self, x):
@@ -315,7 +320,8 @@ class LeakyEnsemble(nn.Module):
 
         Member b's real representations are [b, :depths[b]+1]; past them the padded layers repeat X_{depths[b]}.
         """
-        return leaky_stack(self._embed(x), self.weight, self.rho, self._stack_Lt(), return_all=True)
+        return leaky_stack(self._embed(x), self.weight, self.rho, self._stack_Lt(), return_all=True,
+                           activation=self.activation)
 
     def regularization(self, lam):
         """Per member lam_b/(2*Lt_b) * sum_l rho_l ||W_l||_F^2 (lam_b/2 * ... where Lt_b = 0): a [B] tensor.
@@ -367,17 +373,19 @@ class LeakyEnsemble(nn.Module):
         """The per-member settings as plain Python values (loadable with weights_only=True)."""
         return {"version": _STATE_VERSION, "depths": list(self.depths), "effective_depths": list(self._Lts),
                 "steps": list(self.steps), "a": list(self.a), "init": list(self.init),
-                "seeds": list(self.seeds)}
+                "seeds": list(self.seeds), "activation": self.activation}
+
+    #: As LeakyResNet: a strict load refuses other saved Lt, schemes or a; strict=False adopts them.
+    _MUST_MATCH = ("effective_depths", "steps", "a")
 
     def set_extra_state(self, state):
         keys = ("depths", "effective_depths", "steps", "a", "init")
-        if not isinstance(state, dict) or any(k not in state for k in keys):
-            raise RuntimeError("LeakyEnsemble extra state must be a dict with %s (written by get_extra_state), got %r"
-                               % (", ".join(keys), state))
         B = self.models
-        if any(len(state[k]) != B for k in keys) or tuple(state["depths"]) != self.depths:
-            raise RuntimeError("this state dict is of an ensemble with depths %s, this ensemble has depths %s"
-                               % (list(state["depths"]), list(self.depths)))
+        if not isinstance(state, dict) or any(not isinstance(state.get(k), list) or len(state[k]) != B for k in keys):
+            check.fail(ValueError, "the state dict's LeakyEnsemble extra state", "a dict with lists of B = %d %s "
+                       "(written by get_extra_state)" % (B, ", ".join(keys)), repr(state))
+        self._check_saved_depths(state)
+        self._check_saved_activation(state)
         configs = [dict(self._member_config(b), effective_depth=state["effective_depths"][b],
                         steps=state["steps"][b], a=state["a"][b], init=state["init"][b]) for b in range(B)]
         for b, cfg in enumerate(configs):  # validate before changing anything
@@ -395,9 +403,18 @@ class LeakyEnsemble(nn.Module):
             _steps.check_irregularity(cfg["a"])
             _steps.check_scheme(cfg["init"], INITS, name="init")
         except (TypeError, ValueError) as e:
-            raise RuntimeError("member %d of the loaded state: %s" % (b, e)) from None
+            raise ValueError("member %d of the loaded state: %s" % (b, e)) from None
+
+    def _check_saved_depths(self, state):
+        if not isinstance(state.get("depths"), list) or tuple(state["depths"]) != self.depths:
+            raise ValueError("the state dict was saved from a LeakyEnsemble with depths %s, this one has depths %s"
+                             % (state.get("depths"), list(self.depths)))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + _EXTRA_STATE_KEY_SUFFIX)
+        if isinstance(saved, dict):  # refuse before any tensor is copied in
+            self._check_saved_depths(saved)
+            self._check_saved_settings(saved)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._warn_overshoot("LeakyEnsemble.load_state_dict")
 
@@ -410,7 +427,8 @@ class LeakyEnsemble(nn.Module):
                      short(tuple(self._Lts)), short(self.steps)))
         if any(s_ == "irregular" for s_ in self.steps):
             s += ", a={}".format(short(self.a))
-        s += ", learn_projections={}, init={}".format(self.learn_projections, short(self.init))
+        s += ", learn_projections={}, init={}, activation={!r}".format(self.learn_projections, short(self.init),
+                                                                      self.activation)
         if self.checkpoint is not None:
             s += ", checkpoint={!r}".format(self.checkpoint)
         return s

@@ -159,12 +159,37 @@ def test_state_dict_round_trip(tmp_path):
     ens.effective_depths = [1.5, 2.5, 0.0]
     path = tmp_path / "ens.pt"
     torch.save(ens.state_dict(), path)
+    saved = torch.load(path, weights_only=True)
+    other = _ensemble(seeds=[9, 9, 9], effective_depth=[1.5, 2.5, 0.0])
+    other.load_state_dict(saved)
+    _assert_state_equal(ens, other)
+    # As for a LeakyResNet: strict loading refuses other settings (before copying anything), strict=False adopts them.
     other = _ensemble(seeds=[9, 9, 9])
-    other.load_state_dict(torch.load(path, weights_only=True))
+    before = other.weight.detach().clone()
+    with pytest.raises(ValueError, match="effective_depths"):
+        other.load_state_dict(saved)
+    assert torch.equal(other.weight, before)
+    with pytest.warns(UserWarning, match="adopting the saved effective_depths"):
+        other.load_state_dict(saved, strict=False)
     assert other.effective_depths == (1.5, 2.5, 0.0)
     _assert_state_equal(ens, other)
-    with pytest.raises(RuntimeError, match="depths"):
+    with pytest.raises(ValueError, match="depths"):
         _ensemble(depth=[3, 5, 5]).load_state_dict(ens.state_dict())
+    with pytest.raises(ValueError, match="activation"):
+        _ensemble(activation="linear").load_state_dict(ens.state_dict(), strict=False)
+
+
+def test_linear_activation_members_equal_single_models():
+    ens = _ensemble(activation="linear")
+    x = torch.randn(4, 6, dtype=F64)
+    for b in range(3):
+        single = lc.LeakyResNet(6, 6, 8, MEMBERS["depth"][b], MEMBERS["effective_depth"][b], steps=MEMBERS["steps"][b],
+                                a=MEMBERS["a"][b], init=MEMBERS["init"][b], activation="linear", dtype=F64)
+        with torch.no_grad():
+            for name in ("weight", "proj_in", "proj_out", "rho"):
+                getattr(single, name).copy_(getattr(ens.member(b), name))
+        assert ens.member(b).activation == "linear"
+        torch.testing.assert_close(ens(x)[b], single(x), rtol=1e-12, atol=1e-12)
 
 
 def test_bad_arguments():
