@@ -11,11 +11,12 @@ import torch
 
 from . import _validate as check
 from . import plots
-from ._env import machine_info
 from ._ensemble_fit import MemberDivergedWarning
+from ._env import machine_info
 from .data import TEACHERS, bottleneck_task
 from .ensemble import LeakyEnsemble
 from .module import INITS, STEP_SCHEMES, LeakyResNet
+from .recipes import continue_run, refine, warm_start
 from .steps import StepOvershootWarning, check_irregularity
 from .train import DIVERGE_FACTOR, DivergenceError, _divergence_error, fit
 
@@ -44,6 +45,16 @@ class RunConfig:
     sgd_lr: float = 1e-3
     adapt_every: int = 50
     gamma0: float = 1e-2
+    # Recipe options (leakycuda.recipes; off by default). In a sweep over Lt, a run with Lt >= continue_above
+    # warm-starts from the previous Lt's trained model of the same seed (shifted to the new Lt, ridge
+    # continue_gamma0) and trains continue_steps Adam + sgd_steps SGD steps instead of starting from init.
+    continue_above: float = math.inf
+    continue_steps: int = 3000
+    continue_gamma0: float = 1e-2
+    # After training: up to refine_steps L-BFGS iterations on W (projections fixed) in float64, stopping early
+    # once the relative stationarity residual (max over layers) is <= refine_target.
+    refine_steps: int = 0
+    refine_target: float = 1e-2
 
     def check(self):
         """Checks every field (ValueError / TypeError naming it), so that a run fails before any training.
@@ -69,6 +80,14 @@ class RunConfig:
         check.real(self.sgd_lr, "sgd_lr", low=0.0, strict=True, what="the SGD learning rate")
         check.integer(self.adapt_every, "adapt_every", low=1)
         check.real(self.gamma0, "gamma0", low=0.0, strict=True, what="the relative ridge of COI_gamma")
+        check.real(self.continue_above, "continue_above", low=0.0, finite=False,
+                   what="the Lt from which a sweep warm-starts from the previous Lt")
+        check.integer(self.continue_steps, "continue_steps", low=0, what="Adam steps after a warm start")
+        check.real(self.continue_gamma0, "continue_gamma0", low=0.0, strict=True,
+                   what="the relative ridge of the warm start's weight shift")
+        check.integer(self.refine_steps, "refine_steps", low=0, what="L-BFGS refinement iterations")
+        check.real(self.refine_target, "refine_target", low=0.0, strict=True,
+                   what="the stationarity residual at which refinement stops")
         return self
 
     def resolved_init(self):
@@ -137,14 +156,19 @@ def make_task(cfg, seed, device, dtype):
 
 
 def train_run(cfg, seed=0, *, device="cpu", dtype=torch.float32, task=None, progress=None, desc=None,
-              history_path=None, checkpoint_path=None):
+              history_path=None, checkpoint_path=None, start=None):
     """Builds the task and a LeakyResNet (both seeded by ``seed``) and fits them; returns (model, task, result).
 
+    ``start``: a trained model to warm-start from instead (:func:`leakycuda.recipes.continue_run`: shifted to
+    ``cfg.Lt``, then ``cfg.continue_steps`` Adam + ``cfg.sgd_steps`` SGD steps).
     Steps with rho_l * Lt > 1 (from the settings or from adaptive updates) are not warned about here:
     ``result.max_rho_Lt`` holds the largest value reached, and the runners print it with the run.
     """
     if task is None:
         task = make_task(cfg, seed, device, dtype)
+    if start is not None:
+        model, result, _ = continue_run(start, cfg, task, progress=progress, desc=desc)
+        return model, task, result
     torch.manual_seed(1000 + seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StepOvershootWarning)
@@ -165,60 +189,77 @@ ENSEMBLE_SHARED = ("inner", "teacher", "n_train", "n_test", "width", "adam_steps
 
 
 def train_runs(plan, done, *, device="cpu", dtype=torch.float32, progress=None, sequential=False, pad_depths=False):
-    """Trains the runs ``plan`` = [(cfg, seed, desc), ...] and calls ``done(i, model, task, result, seconds)`` for
-    each, in plan order (model a LeakyResNet, result a FitResult, seconds its training time).
+    """Trains the runs ``plan`` = [(cfg, seed, desc, start), ...] and calls
+    ``done(i, model, task, result, extra, seconds)`` for each, in plan order (model a LeakyResNet, result a
+    FitResult, extra = {"warm_start", "refine"} as :func:`_train` gives it, seconds its training time).
 
-    ``sequential=True``: :func:`train_run` one run after the other, each reported as soon as it ends.
-    Batched (the default): the runs that share :data:`ENSEMBLE_SHARED` (and the depth, unless
-    ``pad_depths``) train together as one :class:`~leakycuda.ensemble.LeakyEnsemble`; member i starts
-    from the weights train_run(cfg, seed) would draw, trains on the same task with the same recipe, and
-    is reported as the LeakyResNet :meth:`~leakycuda.ensemble.LeakyEnsemble.member` with its own
+    ``start``: None, or the index of an earlier run whose trained model this one warm-starts from
+    (:func:`leakycuda.recipes.continue_run`: shifted to cfg.Lt, then cfg.continue_steps Adam steps).
+    Runs with cfg.refine_steps > 0 are refined after training (L-BFGS, one model at a time).
+
+    ``sequential=True``: :func:`_train` one run after the other, each reported as soon as it ends.
+    Batched (the default): the runs that share :data:`ENSEMBLE_SHARED`, the depth (unless
+    ``pad_depths``) and their place in the warm-start chain train together as one
+    :class:`~leakycuda.ensemble.LeakyEnsemble`: a member starts from the weights train_run(cfg, seed)
+    would draw (or from its warm start), trains on the same task with the same recipe, and is
+    reported as its LeakyResNet (:meth:`~leakycuda.ensemble.LeakyEnsemble.member`) with its own
     history, so the outputs equal the sequential ones up to float rounding. A group's wall time is
     shared out evenly between its runs. Either way a diverged run raises the
-    :class:`~leakycuda.train.DivergenceError` that train_run would (the first in plan order, named by its
-    desc), once its group has trained.
+    :class:`~leakycuda.train.DivergenceError` that train_run would, named by its desc (batched: once
+    its group has trained).
     """
     for name, flag in (("sequential", sequential), ("pad_depths", pad_depths)):
         if not isinstance(flag, bool):
             check.fail(TypeError, name, "True or False", repr(flag))
     if sequential:
-        for i, (cfg, seed, desc) in enumerate(plan):
+        models = {}
+        for i, (cfg, seed, desc, start) in enumerate(plan):
             t = time.perf_counter()
             with _named_run(desc):
-                model, task, result = train_run(cfg, seed, device=device, dtype=dtype, progress=progress, desc=desc)
-            done(i, model, task, result, time.perf_counter() - t)
+                model, task, result, extra = _train(cfg, seed, start=None if start is None else models[start],
+                                                    device=device, dtype=dtype, progress=progress, desc=desc)
+            models[i] = model
+            done(i, model, task, result, extra, time.perf_counter() - t)
         return
-    groups = {}
-    for i, (cfg, _, _) in enumerate(plan):
-        key = tuple(getattr(cfg, f) for f in ENSEMBLE_SHARED) + (() if pad_depths else (cfg.depth,))
+    level, groups = [], {}
+    for i, (cfg, _, _, start) in enumerate(plan):
+        level.append(0 if start is None else level[start] + 1)
+        key = ((level[i],) + tuple(getattr(cfg, f) for f in ENSEMBLE_SHARED) + (() if pad_depths else (cfg.depth,))
+               + (() if start is None else (cfg.continue_steps,)))
         groups.setdefault(key, []).append(i)
     trained = {}
-    for members in groups.values():
-        trained.update(_train_group([plan[i] for i in members], members, device, dtype, progress))
+    for key in sorted(groups, key=lambda k: k[0]):  # a warm start's group after the group it starts from
+        index = groups[key]
+        starts = [None if plan[i][3] is None else trained[plan[i][3]][0] for i in index]
+        trained.update(_train_group([plan[i] for i in index], index, starts, device, dtype, progress))
     for i in range(len(plan)):
         done(i, *trained[i])
 
 
-def _train_group(runs, index, device, dtype, progress):
-    """One LeakyEnsemble fit of runs [(cfg, seed, desc)] that share ENSEMBLE_SHARED -> {index[b]: (model, task,
-    result, seconds)}."""
+def _train_group(runs, index, starts, device, dtype, progress):
+    """One LeakyEnsemble fit of runs [(cfg, seed, desc, start)] that share ENSEMBLE_SHARED (from the trained models
+    ``starts`` when they warm-start) -> {index[b]: (model, task, result, extra, seconds)}."""
     t = time.perf_counter()
     cfgs, seeds = [r[0] for r in runs], [r[1] for r in runs]
-    c = cfgs[0]
+    c, warm = cfgs[0], starts[0] is not None
     tasks = [make_task(cfg, seed, device, dtype) for cfg, seed in zip(cfgs, seeds)]
+    steps = c.continue_steps if warm else c.adam_steps
     desc = "%s (%d runs at once)" % (runs[0][2], len(runs)) if len(runs) > 1 else runs[0][2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StepOvershootWarning)
         warnings.simplefilter("ignore", MemberDivergedWarning)  # a diverged run raises below, as train_run's would
-        model = LeakyEnsemble(TASK_D, TASK_D, c.width, [cfg.depth for cfg in cfgs], [cfg.Lt for cfg in cfgs],
-                              steps=[cfg.steps for cfg in cfgs],
-                              a=[cfg.a if cfg.steps == "irregular" else 0.0 for cfg in cfgs],
-                              init=[cfg.resolved_init() for cfg in cfgs], seeds=[1000 + seed for seed in seeds],
-                              device=device, dtype=dtype)
+        if warm:
+            model = LeakyEnsemble.from_models([warm_start(s, cfg, task)[0] for s, cfg, task in zip(starts, cfgs, tasks)])
+        else:
+            model = LeakyEnsemble(TASK_D, TASK_D, c.width, [cfg.depth for cfg in cfgs], [cfg.Lt for cfg in cfgs],
+                                  steps=[cfg.steps for cfg in cfgs],
+                                  a=[cfg.a if cfg.steps == "irregular" else 0.0 for cfg in cfgs],
+                                  init=[cfg.resolved_init() for cfg in cfgs], seeds=[1000 + seed for seed in seeds],
+                                  device=device, dtype=dtype)
         try:
-            result = fit(model, tasks, [cfg.lam for cfg in cfgs], adam_steps=c.adam_steps, adam_lr=c.adam_lr,
+            result = fit(model, tasks, [cfg.lam for cfg in cfgs], adam_steps=steps, adam_lr=c.adam_lr,
                          sgd_steps=c.sgd_steps, sgd_lr=c.sgd_lr, adapt_every=c.adapt_every,
-                         log_every=max(1, (c.adam_steps + c.sgd_steps) // 50), progress=progress, desc=desc)
+                         log_every=max(1, (steps + c.sgd_steps) // 50), progress=progress, desc=desc)
         except DivergenceError as e:  # every member diverged
             result = e.result
     first = next((b for b, step in enumerate(result.diverged) if step is not None), None)
@@ -229,7 +270,13 @@ def _train_group(runs, index, device, dtype, progress):
             raise _divergence_error(hist[-1], hist[0]["loss"], float(y.double().square().sum()) / y.shape[0],
                                     DIVERGE_FACTOR, (c.adam_lr, c.sgd_lr), None, result.member(first))
     share = (time.perf_counter() - t) / len(runs)
-    return {i: (model.member(b), tasks[b], result.member(b), share) for b, i in enumerate(index)}
+    out = {}
+    for b, i in enumerate(index):
+        t = time.perf_counter()
+        member = model.member(b)
+        extra = _refined(member, tasks[b], cfgs[b], warm)
+        out[i] = (member, tasks[b], result.member(b), extra, share + time.perf_counter() - t)
+    return out
 
 
 @contextlib.contextmanager
@@ -260,23 +307,29 @@ def layer_stats(model, x, gamma0=1e-2, *, top=None):
     p: the depths p_0..p_L of X_0..X_L; p_mid: the midpoints of the layers (where W_l and the layer
     energies are drawn); coi, kinetic, potential, hamiltonian, rank_estimate (-2H/Lt), per layer l = 1..L
     from :func:`leakycuda.energies.energies` (metric from X_{l-1}, gamma_p = gamma0 ||sigma(X_p)||_op^2);
-    sv_x [L+1][k] and sv_w [L][k]: singular values of X_l and W_l.
+    sv_x [L+1][k] and sv_w [L][k]: singular values of X_l and W_l; sv_x_centred [L+1][k] and mean_share [L+1]:
+    those of X_l minus its batch mean and the mean's share of ||X_l||_F^2
+    (:func:`leakycuda.diagnostics.centred_spectra`); sv_w_centred [L][k] and weight_mean [L]: W_l with the
+    direction of its mean output split off (:func:`leakycuda.diagnostics.weight_mean_split`).
     """
+    from .diagnostics import centred_spectra, weight_mean_split
     from .energies import energies
 
     xs = model.representations(x).detach().double()
     rho = model.rho.detach().double()
     e = energies(xs, rho, model.Lt, gamma0=gamma0)
     p = torch.cat([rho.new_zeros(1), rho.cumsum(0)]).cpu()
-    sv_x = torch.linalg.svdvals(xs).cpu()
-    sv_w = torch.linalg.svdvals(model.weight.detach().double()).cpu()
-    if top is not None:
-        sv_x, sv_w = sv_x[:, :top], sv_w[:, :top]
+    W = model.weight.detach().double()
+    centred, split = centred_spectra(xs), weight_mean_split(W, xs)
+    spectra = {"sv_x": torch.linalg.svdvals(xs), "sv_w": torch.linalg.svdvals(W), "sv_x_centred": centred.sv,
+               "sv_w_centred": split.sv}
     out = {"p": p.tolist(), "p_mid": ((p[1:] + p[:-1]) / 2).tolist(), "rho": rho.cpu().tolist()}
     for name in ("coi", "kinetic", "potential", "hamiltonian", "rank_estimate"):
         out[name] = _field(e, name).tolist()
-    out["sv_x"] = sv_x.tolist()
-    out["sv_w"] = sv_w.tolist()
+    for name, sv in spectra.items():
+        out[name] = (sv if top is None else sv[:, :top]).cpu().tolist()
+    out["mean_share"] = centred.mean_share.cpu().tolist()
+    out["weight_mean"] = split.weight_mean.cpu().tolist()
     return out
 
 
@@ -287,15 +340,24 @@ def rank_summary(stats):
     ``rank`` is the integer nearest the middle of [median(-2H/Lt), min COI] (at least 0: a rank is never
     negative; None when an end is not finite); ``bracket_integers``
     counts the integers in that interval and ``bracket_ok`` says whether there is exactly one.
+    With centred spectra in ``stats`` (:func:`layer_stats`), also the middle representation X_m (m = L//2):
+    ``sv_x_centred_mid`` (its top 6 centred singular values), ``centred_count_mid`` (how many exceed 10% of
+    the largest) and ``mean_share_mid``.
     """
     r = torch.tensor(stats["rank_estimate"], dtype=torch.float64)
     coi = torch.tensor(stats["coi"], dtype=torch.float64)
     lo, hi = float(r.median()), float(coi.min())
     ints = [k for k in range(max(0, math.ceil(lo)), math.floor(hi) + 1)] if math.isfinite(lo + hi) else []
-    return {"rank_median": lo, "rank_min": float(r.min()), "rank_max": float(r.max()), "coi_min": hi,
-            "coi_argmin_layer": int(coi.argmin()) + 1,
-            "rank": max(0, int(round((lo + hi) / 2))) if math.isfinite(lo + hi) else None,
-            "bracket_ok": len(ints) == 1, "bracket_integers": len(ints)}
+    out = {"rank_median": lo, "rank_min": float(r.min()), "rank_max": float(r.max()), "coi_min": hi,
+           "coi_argmin_layer": int(coi.argmin()) + 1,
+           "rank": max(0, int(round((lo + hi) / 2))) if math.isfinite(lo + hi) else None,
+           "bracket_ok": len(ints) == 1, "bracket_integers": len(ints)}
+    if "sv_x_centred" in stats:
+        mid = len(stats["sv_x_centred"]) // 2
+        sv = stats["sv_x_centred"][mid]
+        out.update(mid_layer=mid, sv_x_centred_mid=sv[:6], mean_share_mid=stats["mean_share"][mid],
+                   centred_count_mid=sum(v > 0.1 * sv[0] for v in sv) if sv and sv[0] > 0 else 0)
+    return out
 
 
 def layer_table(report):
@@ -343,6 +405,32 @@ def _final(result):
     return {k: f[k] for k in ("loss", "train_mse", "reg", "test_mse")}
 
 
+def _train(cfg, seed, *, start, device, dtype, progress, desc):
+    """train_run (warm-started from ``start`` when given), then cfg.refine_steps of L-BFGS refinement;
+    returns (model, task, result, extra) with extra = {"warm_start": bool, "refine": dict or None}."""
+    model, task, result = train_run(cfg, seed, device=device, dtype=dtype, progress=progress, desc=desc,
+                                    start=start)
+    return model, task, result, _refined(model, task, cfg, start is not None)
+
+
+def _refined(model, task, cfg, warm):
+    """cfg.refine_steps of L-BFGS refinement of a trained model (in place, none when 0); returns the run's
+    extra record {"warm_start": warm, "refine": dict or None}."""
+    extra = {"warm_start": warm, "refine": None}
+    if cfg.refine_steps > 0:
+        r = refine(model, task, cfg.lam, iterations=cfg.refine_steps, target=cfg.refine_target)
+        extra["refine"] = {"iterations": r.iterations, "evaluations": r.evaluations, "seconds": r.wall_s,
+                           "reached": r.reached, "history": r.history}
+    return extra
+
+
+def _convergence(model, task, lam):
+    """The run's :class:`leakycuda.diagnostics.Convergence` on the training set, as a plain dict."""
+    from .diagnostics import convergence
+
+    return convergence(model, task.x_train, task.y_train, lam).to_dict()
+
+
 def _dump(obj, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -386,6 +474,7 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
     files["json"] = os.path.join(out, "demo.json")
     _dump({"config": dataclasses.asdict(cfg), "seed": seed, "task": task.describe(), "machine": machine_info(device),
            "train_seconds": t_train, "final": fin, "summary": summary, "layers": stats,
+           "convergence": _convergence(model, task, cfg.lam),
            "diagnostics": json.loads(report.to_json()), "files": _names(files)}, files["json"])
     log("")
     log("wrote %s" % ", ".join(files[k] for k in ("spectra", "energies", "history_plot", "history", "history_csv",
@@ -405,8 +494,9 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
 
     Writes ``fig1.json`` (config, machine, per run: final losses, rank summary and per-layer stats) and
     ``fig1a.png`` (plus ``fig1b_Lt<max>.png``, the spectra of the largest Lt, seed 0) to ``out``.
-    Every Lt x seed trains at once as one ensemble (:func:`train_runs`); ``sequential=True`` trains them
-    one at a time (the same numbers up to float rounding).
+    Every Lt x seed trains at once as one ensemble (:func:`train_runs`; with continuation in Lt, one
+    ensemble of the cold starts, then one of the seeds per warm-started Lt); ``sequential=True``
+    trains them one at a time (the same numbers up to float rounding).
     """
     preset = FIG1["quick" if quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **(overrides or {}))
@@ -414,18 +504,28 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
                                                       Lts=preset["Lts"] if Lts is None else Lts)
     Lts = sweep["Lts"]
     t0 = time.perf_counter()
-    plan = [(dataclasses.replace(cfg, Lt=Lt), seed, "fig1 Lt=%g seed=%d" % (Lt, seed)) for Lt in Lts for seed in seeds]
+    plan, previous = [], {}
+    for Lt in Lts:
+        for seed in seeds:
+            c = dataclasses.replace(cfg, Lt=Lt)
+            start = previous.get(seed) if Lt >= c.continue_above else None  # warm start from the previous Lt
+            previous[seed] = len(plan)
+            plan.append((c, seed, "fig1 Lt=%g seed=%d" % (Lt, seed), start))
     runs = []
 
-    def done(i, model, task, result, seconds):
-        (c, seed, _), t = plan[i], time.perf_counter()
+    def done(i, model, task, result, extra, seconds):
+        (c, seed, _, start), t = plan[i], time.perf_counter()
         stats = layer_stats(model, task.x_train, c.gamma0, top=20)
         summary = rank_summary(stats)
-        runs.append({"Lt": c.Lt, "seed": seed, "init": c.resolved_init(), "seconds": seconds + time.perf_counter() - t,
-                     "final": _final(result), "max_rho_Lt": result.max_rho_Lt, "summary": summary, "layers": stats})
-        log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  (%.0f s)%s"
+        runs.append({"Lt": c.Lt, "seed": seed, "init": "warm start" if start is not None else c.resolved_init(),
+                     "seconds": seconds + time.perf_counter() - t, "final": _final(result),
+                     "max_rho_Lt": result.max_rho_Lt, "summary": summary, "layers": stats,
+                     "convergence": _convergence(model, task, c.lam), **extra})
+        log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  "
+            "stationarity %.2g  (%.0f s)%s"
             % (c.Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
-               summary["rank_max"], summary["coi_min"], runs[-1]["seconds"], _overshoot(result)))
+               summary["rank_max"], summary["coi_min"], runs[-1]["convergence"]["stationarity_max"],
+               runs[-1]["seconds"], _overshoot(result)))
 
     train_runs(plan, done, device=device, dtype=dtype, progress=progress, sequential=sequential)
     data = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
@@ -455,18 +555,19 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
     depths, schemes = sweep["depths"], sweep["schemes"]
     t0 = time.perf_counter()
     plan = [(dataclasses.replace(cfg, depth=L, steps=scheme, a=preset["a"] if scheme == "irregular" else 0.0), seed,
-             "fig2 %s L=%d seed=%d" % (scheme, L, seed)) for scheme in schemes for L in depths for seed in seeds]
+             "fig2 %s L=%d seed=%d" % (scheme, L, seed), None) for scheme in schemes for L in depths for seed in seeds]
     runs = []
 
-    def done(i, model, task, result, seconds):
-        (c, seed, _), t = plan[i], time.perf_counter()
+    def done(i, model, task, result, extra, seconds):
+        (c, seed, _, _), t = plan[i], time.perf_counter()
         stats = layer_stats(model, task.x_train, c.gamma0, top=20)
         runs.append({"scheme": c.steps, "L": c.depth, "seed": seed, "seconds": seconds + time.perf_counter() - t,
-                     "final": _final(result), "max_rho_Lt": result.max_rho_Lt, "summary": rank_summary(stats),
-                     "layers": stats})
-        log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  (%.0f s)%s"
-            % (c.steps, c.depth, seed, result.final["test_mse"], result.final["train_mse"], runs[-1]["seconds"],
-               _overshoot(result)))
+                     "final": _final(result), "max_rho_Lt": result.max_rho_Lt,
+                     "summary": rank_summary(stats), "layers": stats,
+                     "convergence": _convergence(model, task, c.lam), **extra})
+        log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  stationarity %.2g  (%.0f s)%s"
+            % (c.steps, c.depth, seed, result.final["test_mse"], result.final["train_mse"],
+               runs[-1]["convergence"]["stationarity_max"], runs[-1]["seconds"], _overshoot(result)))
 
     train_runs(plan, done, device=device, dtype=dtype, progress=progress, sequential=sequential, pad_depths=pad_depths)
     data = {"figure": "fig2", "quick": quick, "config": dataclasses.asdict(cfg), "depths": list(depths),
@@ -486,10 +587,12 @@ def plot_fig1(data, out):
     """The Fig. 1 PNGs from a fig1.json dict: fig1a.png, and the spectra and energies of the largest Lt (first seed)."""
     runs, Lts, k = data["runs"], data["Lts"], min(data["config"]["inner"])
     grid = lambda key: [[r["summary"][key] for r in runs if r["Lt"] == Lt] for Lt in Lts]  # noqa: E731
-    switch = next((r["Lt"] for r in runs if r.get("init") == "identity"), None)
+    first = next((r for r in runs if r.get("init") in ("identity", "warm start")), None)
     files = {"fig1a": plots.plot_fig1a(Lts, grid("rank_median"), grid("rank_min"), grid("rank_max"), grid("coi_min"),
-                                       os.path.join(out, "fig1a.png"), k_star=k, init_switch=switch,
-                                       depth=data["config"]["depth"])}
+                                       os.path.join(out, "fig1a.png"), k_star=k,
+                                       init_switch=first and first["Lt"],
+                                       init_label="identity init" if first is None or first["init"] == "identity"
+                                       else "warm start from the previous Lt", depth=data["config"]["depth"])}
     last = [r for r in runs if r["Lt"] == Lts[-1]][0]
     stats, Lt, L = last["layers"], last["Lt"], data["config"]["depth"]
     files["fig1b"] = plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],

@@ -144,12 +144,13 @@ def _mean_err(a):
 
 
 def plot_fig1a(Lts, rank_median, rank_min, rank_max, coi_min, path, *, k_star=None, stable_rank_min=None,
-               init_switch=None, depth=None):
+               init_switch=None, init_label="identity init", depth=None):
     """Rank estimate -2H/Lt (median over layers, min-max band) and min_l COI against Lt, as Fig. 1a.
 
     Each argument is [n_Lt] or [n_Lt, n_seeds] (seeds are averaged, their spread is drawn as error bars).
     The y axis is linear within 2 k* of zero and logarithmic beyond (symlog), so every value is shown
-    and the region around k* stays readable. ``init_switch``: the Lt from which the identity init was
+    and the region around k* stays readable. ``init_switch``: the Lt from which the identity init (or
+    another start, named by ``init_label``) was
     used, marked by a dotted line.
     """
     plt = _plt()
@@ -172,7 +173,8 @@ def plot_fig1a(Lts, rank_median, rank_min, rank_max, coi_min, path, *, k_star=No
     ax.set_yscale("symlog", linthresh=2.0 * (k_star or 1.0), linscale=1.5)
     _symlog_ticks(ax)
     if init_switch is not None:
-        ax.axvline(init_switch, color="0.5", ls=":", lw=1.0, label="identity init from $\\tilde L$ = %g" % init_switch)
+        ax.axvline(init_switch, color="0.5", ls=":", lw=1.0,
+                   label="%s from $\\tilde L$ = %g" % (init_label, init_switch))
     ax.set_xlabel("effective depth $\\tilde L$")
     ax.set_ylabel("rank estimate (symlog scale)")
     seeds = _np(rank_median).shape[1] if _np(rank_median).ndim == 2 else 1

@@ -387,20 +387,28 @@ def _numbers(obj, prefix=""):
         yield prefix, obj
 
 
-@pytest.mark.parametrize("figure", ["fig1", "fig2"])
+@pytest.mark.parametrize("figure", ["fig1", "fig1-recipe", "fig2"])
 def test_reproduce_batched_equals_sequential(tmp_path, figure):
+    """The batched sweeps give the sequential JSON (and the same files); fig1-recipe adds issue 11's recipe:
+    continuation in Lt (a chain of warm starts per seed) and L-BFGS refinement of every run."""
     from leakycuda import experiments
 
-    run = experiments.run_fig1 if figure == "fig1" else experiments.run_fig2
+    run = experiments.run_fig2 if figure == "fig2" else experiments.run_fig1
     kw = dict(quick=True, dtype=F64, seeds=2, overrides=SMALL, progress=False, log=lambda *a: None)
-    kw.update(Lts=[2.0, 9.0]) if figure == "fig1" else kw.update(depths=[3, 4])  # Lt 9: the identity init
+    if figure == "fig1":
+        kw.update(Lts=[2.0, 9.0])  # Lt 9: the identity init
+    elif figure == "fig1-recipe":
+        kw.update(Lts=[1.0, 2.0, 3.0, 4.0], overrides=dict(SMALL, continue_above=3.0, continue_steps=6,
+                                                            refine_steps=3))
+    else:
+        kw.update(depths=[3, 4])
     modes = {"sequential": dict(sequential=True), "batched": {}}
     if figure == "fig2":
         modes["padded"] = dict(pad_depths=True)
     data = {}
     for mode, extra in modes.items():
         run(str(tmp_path / mode), **kw, **extra)
-        with open(tmp_path / mode / ("%s.json" % figure)) as f:
+        with open(tmp_path / mode / ("%s.json" % figure[:4])) as f:
             data[mode] = json.load(f)
         assert sorted(os.listdir(tmp_path / mode)) == sorted(os.listdir(tmp_path / "sequential"))
     ref = data.pop("sequential")
@@ -409,9 +417,16 @@ def test_reproduce_batched_equals_sequential(tmp_path, figure):
             [{k: r[k] for k in ("Lt", "scheme", "L", "seed", "init") if k in r} for r in ref["runs"]]
         for rg, rr in zip(got["runs"], ref["runs"]):
             assert set(rg) == set(rr)
-            want = dict(_numbers({k: rr[k] for k in ("final", "summary", "layers", "max_rho_Lt")}))
-            for key, value in _numbers({k: rg[k] for k in ("final", "summary", "layers", "max_rho_Lt")}):
+            assert (rg["warm_start"], rg["refine"] is None) == (rr["warm_start"], rr["refine"] is None)
+            fields = ("final", "summary", "layers", "max_rho_Lt", "convergence")
+            want = dict(_numbers({k: rr[k] for k in fields}))
+            for key, value in _numbers({k: rg[k] for k in fields}):
                 assert value == pytest.approx(want[key], rel=1e-7, abs=1e-9), (mode, key)
+            if rr["refine"] is not None:
+                assert [h["loss"] for h in rg["refine"]["history"]] == \
+                    pytest.approx([h["loss"] for h in rr["refine"]["history"]], rel=1e-7)
+    if figure == "fig1-recipe":
+        assert [r["init"] for r in ref["runs"]] == ["random"] * 4 + ["warm start"] * 4
 
 
 def test_a_diverged_run_stops_the_batched_sweep_as_it_stops_the_sequential_one(tmp_path):
