@@ -1,10 +1,11 @@
 """Times sweeps in one launch (issue 10): `reproduce fig1` batched vs --sequential, training steps of an ensemble
 vs one model at a time, and on CUDA the issue's GPU rows (JSON + table).
 
-Rows (every row on the device given; the variants of a row are timed in one process, interleaved):
+Rows (every row on the device given; the variants of a row are timed in one session, interleaved):
 - fig1: `leakycuda reproduce fig1 --seeds S` (``--quick`` on CPU, the paper preset on CUDA), batched and
   --sequential, each as its own niced child process, ``--rounds`` rounds alternating the order; wall and CPU
-  seconds (user + system of the child: steadier than wall time on a shared machine), and the largest differences between the two paths' fig1.json numbers (final losses, rank summaries).
+  seconds (user + system of the child), and the largest relative differences between the two paths'
+  fig1.json numbers (final losses, rank summaries).
   On CUDA only the batched run, once, unless ``--fig1-sequential``.
 - step: one training step per model (fit's own loop: the time of fit at two step counts, differenced),
   B models as one ensemble vs one model at a time; on CUDA with and without the CUDA graph.
@@ -191,7 +192,8 @@ def main():
         rows += fig1_rows(a.device, a.seeds, a.rounds if both else 1, quick=not cuda, threads=a.threads,
                           variants=("batched", "sequential") if both else ("batched",))
     print_table(rows, [
-        ("row", "row", "{}"), ("variant", "variant", "{}"), ("wall_s", "wall s", "{:.1f}"), ("cpu_s", "CPU s", "{:.1f}"),
+        ("row", "row", "{}"), ("variant", "variant", "{}"), ("wall_s", "wall s", "{:.1f}"),
+        ("cpu_s", "CPU s", "{:.1f}"),
         ("ms", "ms", "{:.3f}"), ("ms_per_model", "ms/model", "{:.3f}"), ("speedup", "speed-up", "{:.2f}x"),
         ("cpu_speedup", "CPU speed-up", "{:.2f}x"),
         ("max_rel_diff_final", "max rel diff (final)", "{:.2g}"),

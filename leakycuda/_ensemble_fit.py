@@ -133,8 +133,9 @@ def fit_ensemble(model, task, lam, *, adam_steps, adam_lr, sgd_steps, sgd_lr, sg
     member is stopped, not the run: a :class:`MemberDivergedWarning` names it, its gradients are
     masked to zero and its optimizer state (Adam's moments, SGD's momentum) is zeroed, so its
     parameters stay bitwise where they were (Adam would otherwise keep moving it on its momentum),
-    its adaptive steps stop too, and the other members go on unaffected (members never mix). When every member has diverged, fit
-    raises :class:`~leakycuda.train.DivergenceError` (its ``result`` an :class:`EnsembleFitResult`).
+    its adaptive steps stop too, and the other members go on unaffected (members never mix). When
+    every member has diverged, fit raises :class:`~leakycuda.train.DivergenceError` (its ``result``
+    an :class:`EnsembleFitResult`).
 
     Everything else (recipe, adaptive steps with one all-reduce of every member's statistics,
     logging, checkpoints and ``resume``, progress, callback, data parallelism, ``cuda_graph``) is as in fit.

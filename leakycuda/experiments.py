@@ -249,7 +249,8 @@ def _train_group(runs, index, starts, device, dtype, progress):
         warnings.simplefilter("ignore", StepOvershootWarning)
         warnings.simplefilter("ignore", MemberDivergedWarning)  # a diverged run raises below, as train_run's would
         if warm:
-            model = LeakyEnsemble.from_models([warm_start(s, cfg, task)[0] for s, cfg, task in zip(starts, cfgs, tasks)])
+            model = LeakyEnsemble.from_models([warm_start(s, cfg, task)[0]
+                                               for s, cfg, task in zip(starts, cfgs, tasks)])
         else:
             model = LeakyEnsemble(TASK_D, TASK_D, c.width, [cfg.depth for cfg in cfgs], [cfg.Lt for cfg in cfgs],
                                   steps=[cfg.steps for cfg in cfgs],
