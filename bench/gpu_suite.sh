@@ -64,3 +64,7 @@ echo "bench rc=$?"; tail -20 "$OUT/bench.log"
 echo "== energies benchmark"
 python bench/bench_energies.py --device cuda --out "$OUT/bench_energies_cuda.json" > "$OUT/bench_energies.log" 2>&1
 echo "bench_energies rc=$?"; tail -12 "$OUT/bench_energies.log"
+
+echo "== ensemble benchmark (issue 10's GPU rows)"
+python bench/bench_ensemble.py --device cuda --out "$OUT/bench_ensemble_cuda.json" > "$OUT/bench_ensemble.log" 2>&1
+echo "bench_ensemble rc=$?"; tail -20 "$OUT/bench_ensemble.log"

@@ -5,6 +5,7 @@ from .energies import Energies, ExactCOI, cost_of_identity, k_norm2, stable_rank
 from .energies import energies  # binds lc.energies to the function, shadowing the submodule (docs/DESIGN.md §3.2)
 from .functional import leaky_layer, leaky_stack
 from .module import LeakyResNet
+from .ensemble import LeakyEnsemble
 from .steps import adaptive_step_sizes, step_sizes
 from . import data, diagnostics, train  # noqa: E402  (they import the module and energies above)
 
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Energies",
     "ExactCOI",
+    "LeakyEnsemble",
     "LeakyResNet",
     "adaptive_step_sizes",
     "build_info",

@@ -165,7 +165,7 @@ def _prepare_reproduce(args, parser):
     _, out, seeds, device, dtype, _ = _checked(parser, experiments.check_run, cfg, out, seeds=args.seeds,
                                                device=args.device, dtype=_dtype(args.dtype), **sweep)
     kw = dict(quick=args.quick, device=device, dtype=dtype, seeds=seeds, overrides=_overrides(args),
-              progress=False if args.no_progress else None, **sweep)
+              progress=False if args.no_progress else None, sequential=args.sequential, **sweep)
     return out, kw
 
 
@@ -363,6 +363,9 @@ def build_parser():
     r.add_argument("--depths", type=_ints, help="fig2: comma list of depths L (>= 1)")
     r.add_argument("--schemes", type=_words, help="fig2: comma list of step schemes (equidistant, irregular, adaptive)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--sequential", action="store_true",
+                   help="train the runs one at a time (default: batched, as one ensemble per group of runs that "
+                        "share a depth; the same numbers up to float rounding)")
     _add_run_options(r, "the paper's: width 100, 1000 points, 5000 Adam + 1000 SGD steps, lam 1e-2")
     r.set_defaults(func=_cmd_reproduce, prepare=_prepare_reproduce)
 

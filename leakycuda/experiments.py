@@ -11,15 +11,17 @@ import torch
 
 from . import _validate as check
 from . import plots
+from ._ensemble_fit import MemberDivergedWarning
 from ._env import machine_info
 from .data import TEACHERS, bottleneck_task
+from .ensemble import LeakyEnsemble
 from .module import INITS, STEP_SCHEMES, LeakyResNet
-from .recipes import continue_run, refine
+from .recipes import continue_run, refine, warm_start
 from .steps import StepOvershootWarning, check_irregularity
-from .train import DivergenceError, fit
+from .train import DIVERGE_FACTOR, DivergenceError, _divergence_error, fit
 
 __all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "plot_fig1",
-           "plot_demo", "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run"]
+           "plot_demo", "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run", "train_runs"]
 
 
 @dataclasses.dataclass
@@ -180,6 +182,104 @@ def train_run(cfg, seed=0, *, device="cpu", dtype=torch.float32, task=None, prog
     return model, task, result
 
 
+#: The RunConfig fields that runs trained together as one LeakyEnsemble must share: the task's shape and the
+#: recipe. Lt, steps, a, init, lam and the seed may differ between members (and depth, by padding).
+ENSEMBLE_SHARED = ("inner", "teacher", "n_train", "n_test", "width", "adam_steps", "adam_lr", "sgd_steps", "sgd_lr",
+                   "adapt_every")
+
+
+def train_runs(plan, done, *, device="cpu", dtype=torch.float32, progress=None, sequential=False, pad_depths=False):
+    """Trains the runs ``plan`` = [(cfg, seed, desc, start), ...] and calls
+    ``done(i, model, task, result, extra, seconds)`` for each, in plan order (model a LeakyResNet, result a
+    FitResult, extra = {"warm_start", "refine"} as :func:`_train` gives it, seconds its training time).
+
+    ``start``: None, or the index of an earlier run whose trained model this one warm-starts from
+    (:func:`leakycuda.recipes.continue_run`: shifted to cfg.Lt, then cfg.continue_steps Adam steps).
+    Runs with cfg.refine_steps > 0 are refined after training (L-BFGS, one model at a time).
+
+    ``sequential=True``: :func:`_train` one run after the other, each reported as soon as it ends.
+    Batched (the default): the runs that share :data:`ENSEMBLE_SHARED`, the depth (unless
+    ``pad_depths``) and their place in the warm-start chain train together as one
+    :class:`~leakycuda.ensemble.LeakyEnsemble`: a member starts from the weights train_run(cfg, seed)
+    would draw (or from its warm start), trains on the same task with the same recipe, and is
+    reported as its LeakyResNet (:meth:`~leakycuda.ensemble.LeakyEnsemble.member`) with its own
+    history, so the outputs equal the sequential ones up to float rounding. A group's wall time is
+    shared out evenly between its runs. Either way a diverged run raises the
+    :class:`~leakycuda.train.DivergenceError` that train_run would, named by its desc (batched: once
+    its group has trained).
+    """
+    for name, flag in (("sequential", sequential), ("pad_depths", pad_depths)):
+        if not isinstance(flag, bool):
+            check.fail(TypeError, name, "True or False", repr(flag))
+    if sequential:
+        models = {}
+        for i, (cfg, seed, desc, start) in enumerate(plan):
+            t = time.perf_counter()
+            with _named_run(desc):
+                model, task, result, extra = _train(cfg, seed, start=None if start is None else models[start],
+                                                    device=device, dtype=dtype, progress=progress, desc=desc)
+            models[i] = model
+            done(i, model, task, result, extra, time.perf_counter() - t)
+        return
+    level, groups = [], {}
+    for i, (cfg, _, _, start) in enumerate(plan):
+        level.append(0 if start is None else level[start] + 1)
+        key = ((level[i],) + tuple(getattr(cfg, f) for f in ENSEMBLE_SHARED) + (() if pad_depths else (cfg.depth,))
+               + (() if start is None else (cfg.continue_steps,)))
+        groups.setdefault(key, []).append(i)
+    trained = {}
+    for key in sorted(groups, key=lambda k: k[0]):  # a warm start's group after the group it starts from
+        index = groups[key]
+        starts = [None if plan[i][3] is None else trained[plan[i][3]][0] for i in index]
+        trained.update(_train_group([plan[i] for i in index], index, starts, device, dtype, progress))
+    for i in range(len(plan)):
+        done(i, *trained[i])
+
+
+def _train_group(runs, index, starts, device, dtype, progress):
+    """One LeakyEnsemble fit of runs [(cfg, seed, desc, start)] that share ENSEMBLE_SHARED (from the trained models
+    ``starts`` when they warm-start) -> {index[b]: (model, task, result, extra, seconds)}."""
+    t = time.perf_counter()
+    cfgs, seeds = [r[0] for r in runs], [r[1] for r in runs]
+    c, warm = cfgs[0], starts[0] is not None
+    tasks = [make_task(cfg, seed, device, dtype) for cfg, seed in zip(cfgs, seeds)]
+    steps = c.continue_steps if warm else c.adam_steps
+    desc = "%s (%d runs at once)" % (runs[0][2], len(runs)) if len(runs) > 1 else runs[0][2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepOvershootWarning)
+        warnings.simplefilter("ignore", MemberDivergedWarning)  # a diverged run raises below, as train_run's would
+        if warm:
+            model = LeakyEnsemble.from_models([warm_start(s, cfg, task)[0]
+                                               for s, cfg, task in zip(starts, cfgs, tasks)])
+        else:
+            model = LeakyEnsemble(TASK_D, TASK_D, c.width, [cfg.depth for cfg in cfgs], [cfg.Lt for cfg in cfgs],
+                                  steps=[cfg.steps for cfg in cfgs],
+                                  a=[cfg.a if cfg.steps == "irregular" else 0.0 for cfg in cfgs],
+                                  init=[cfg.resolved_init() for cfg in cfgs], seeds=[1000 + seed for seed in seeds],
+                                  device=device, dtype=dtype)
+        try:
+            result = fit(model, tasks, [cfg.lam for cfg in cfgs], adam_steps=steps, adam_lr=c.adam_lr,
+                         sgd_steps=c.sgd_steps, sgd_lr=c.sgd_lr, adapt_every=c.adapt_every,
+                         log_every=max(1, (steps + c.sgd_steps) // 50), progress=progress, desc=desc)
+        except DivergenceError as e:  # every member diverged
+            result = e.result
+    first = next((b for b, step in enumerate(result.diverged) if step is not None), None)
+    if first is not None:
+        hist = result.member_history(first)
+        y = tasks[first].y_train
+        with _named_run(runs[first][2]):
+            raise _divergence_error(hist[-1], hist[0]["loss"], float(y.double().square().sum()) / y.shape[0],
+                                    DIVERGE_FACTOR, (c.adam_lr, c.sgd_lr), None, result.member(first))
+    share = (time.perf_counter() - t) / len(runs)
+    out = {}
+    for b, i in enumerate(index):
+        t = time.perf_counter()
+        member = model.member(b)
+        extra = _refined(member, tasks[b], cfgs[b], warm)
+        out[i] = (member, tasks[b], result.member(b), extra, share + time.perf_counter() - t)
+    return out
+
+
 @contextlib.contextmanager
 def _named_run(desc):
     """Puts the name of a sweep's run in front of a DivergenceError's message."""
@@ -311,12 +411,18 @@ def _train(cfg, seed, *, start, device, dtype, progress, desc):
     returns (model, task, result, extra) with extra = {"warm_start": bool, "refine": dict or None}."""
     model, task, result = train_run(cfg, seed, device=device, dtype=dtype, progress=progress, desc=desc,
                                     start=start)
-    extra = {"warm_start": start is not None, "refine": None}
+    return model, task, result, _refined(model, task, cfg, start is not None)
+
+
+def _refined(model, task, cfg, warm):
+    """cfg.refine_steps of L-BFGS refinement of a trained model (in place, none when 0); returns the run's
+    extra record {"warm_start": warm, "refine": dict or None}."""
+    extra = {"warm_start": warm, "refine": None}
     if cfg.refine_steps > 0:
         r = refine(model, task, cfg.lam, iterations=cfg.refine_steps, target=cfg.refine_target)
         extra["refine"] = {"iterations": r.iterations, "evaluations": r.evaluations, "seconds": r.wall_s,
                            "reached": r.reached, "history": r.history}
-    return model, task, result, extra
+    return extra
 
 
 def _convergence(model, task, lam):
@@ -384,11 +490,14 @@ def _names(files):
 
 
 def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,), Lts=None, overrides=None,
-             progress=None, log=print):
+             progress=None, log=print, sequential=False):
     """Fig. 1a: sweep Lt at L = 20 on the 30 -> 3 -> 30 task; rank estimates and min COI against Lt.
 
     Writes ``fig1.json`` (config, machine, per run: final losses, rank summary and per-layer stats) and
     ``fig1a.png`` (plus ``fig1b_Lt<max>.png``, the spectra of the largest Lt, seed 0) to ``out``.
+    Every Lt x seed trains at once as one ensemble (:func:`train_runs`; with continuation in Lt, one
+    ensemble of the cold starts, then one of the seeds per warm-started Lt); ``sequential=True``
+    trains them one at a time (the same numbers up to float rounding).
     """
     preset = FIG1["quick" if quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **(overrides or {}))
@@ -396,28 +505,30 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
                                                       Lts=preset["Lts"] if Lts is None else Lts)
     Lts = sweep["Lts"]
     t0 = time.perf_counter()
-    runs, previous = [], {}
+    plan, previous = [], {}
     for Lt in Lts:
         for seed in seeds:
             c = dataclasses.replace(cfg, Lt=Lt)
-            t = time.perf_counter()
-            start = previous.get(seed) if Lt >= c.continue_above else None
-            desc = "fig1 Lt=%g seed=%d" % (Lt, seed)
-            with _named_run(desc):
-                model, task, result, extra = _train(c, seed, start=start, device=device, dtype=dtype,
-                                                    progress=progress, desc=desc)
-            previous[seed] = model
-            stats = layer_stats(model, task.x_train, c.gamma0, top=20)
-            summary = rank_summary(stats)
-            runs.append({"Lt": Lt, "seed": seed, "init": "warm start" if start is not None else c.resolved_init(),
-                         "seconds": time.perf_counter() - t, "final": _final(result),
-                         "max_rho_Lt": result.max_rho_Lt, "summary": summary, "layers": stats,
-                         "convergence": _convergence(model, task, c.lam), **extra})
-            log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  "
-                "stationarity %.2g  (%.0f s)%s"
-                % (Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
-                   summary["rank_max"], summary["coi_min"], runs[-1]["convergence"]["stationarity_max"],
-                   runs[-1]["seconds"], _overshoot(result)))
+            start = previous.get(seed) if Lt >= c.continue_above else None  # warm start from the previous Lt
+            previous[seed] = len(plan)
+            plan.append((c, seed, "fig1 Lt=%g seed=%d" % (Lt, seed), start))
+    runs = []
+
+    def done(i, model, task, result, extra, seconds):
+        (c, seed, _, start), t = plan[i], time.perf_counter()
+        stats = layer_stats(model, task.x_train, c.gamma0, top=20)
+        summary = rank_summary(stats)
+        runs.append({"Lt": c.Lt, "seed": seed, "init": "warm start" if start is not None else c.resolved_init(),
+                     "seconds": seconds + time.perf_counter() - t, "final": _final(result),
+                     "max_rho_Lt": result.max_rho_Lt, "summary": summary, "layers": stats,
+                     "convergence": _convergence(model, task, c.lam), **extra})
+        log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  "
+            "stationarity %.2g  (%.0f s)%s"
+            % (c.Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
+               summary["rank_max"], summary["coi_min"], runs[-1]["convergence"]["stationarity_max"],
+               runs[-1]["seconds"], _overshoot(result)))
+
+    train_runs(plan, done, device=device, dtype=dtype, progress=progress, sequential=sequential)
     data = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
             "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs}
     files = plot_fig1(data, out)
@@ -429,10 +540,14 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
 
 
 def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,), depths=None, schemes=None,
-             overrides=None, progress=None, log=print):
+             overrides=None, progress=None, log=print, sequential=False, pad_depths=False):
     """Fig. 2: Lt = 3 on the 30 -> 6 -> 3 -> 30 ResNet task; test error against L for each step scheme
     (``fig2a.png``) and the weight spectra across p with the layer positions marked at the largest L
-    (``fig2b.png``); everything in ``fig2.json`` under ``out``."""
+    (``fig2b.png``); everything in ``fig2.json`` under ``out``.
+
+    Per depth, every scheme x seed trains at once as one ensemble (:func:`train_runs`; with
+    ``pad_depths`` every run in a single ensemble, the shallower ones padded with identity layers);
+    ``sequential=True`` trains them one at a time (the same numbers up to float rounding)."""
     preset = FIG2["quick" if quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **(overrides or {}))
     cfg, out, seeds, device, dtype, sweep = check_run(
@@ -440,24 +555,22 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
         schemes=preset["schemes"] if schemes is None else schemes)
     depths, schemes = sweep["depths"], sweep["schemes"]
     t0 = time.perf_counter()
+    plan = [(dataclasses.replace(cfg, depth=L, steps=scheme, a=preset["a"] if scheme == "irregular" else 0.0), seed,
+             "fig2 %s L=%d seed=%d" % (scheme, L, seed), None) for scheme in schemes for L in depths for seed in seeds]
     runs = []
-    for scheme in schemes:
-        for L in depths:
-            for seed in seeds:
-                c = dataclasses.replace(cfg, depth=L, steps=scheme, a=preset["a"] if scheme == "irregular" else 0.0)
-                t = time.perf_counter()
-                desc = "fig2 %s L=%d seed=%d" % (scheme, L, seed)
-                with _named_run(desc):
-                    model, task, result, extra = _train(c, seed, start=None, device=device, dtype=dtype,
-                                                        progress=progress, desc=desc)
-                stats = layer_stats(model, task.x_train, c.gamma0, top=20)
-                runs.append({"scheme": scheme, "L": L, "seed": seed, "seconds": time.perf_counter() - t,
-                             "final": _final(result), "max_rho_Lt": result.max_rho_Lt,
-                             "summary": rank_summary(stats), "layers": stats,
-                             "convergence": _convergence(model, task, c.lam), **extra})
-                log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  stationarity %.2g  (%.0f s)%s"
-                    % (scheme, L, seed, result.final["test_mse"], result.final["train_mse"],
-                       runs[-1]["convergence"]["stationarity_max"], runs[-1]["seconds"], _overshoot(result)))
+
+    def done(i, model, task, result, extra, seconds):
+        (c, seed, _, _), t = plan[i], time.perf_counter()
+        stats = layer_stats(model, task.x_train, c.gamma0, top=20)
+        runs.append({"scheme": c.steps, "L": c.depth, "seed": seed, "seconds": seconds + time.perf_counter() - t,
+                     "final": _final(result), "max_rho_Lt": result.max_rho_Lt,
+                     "summary": rank_summary(stats), "layers": stats,
+                     "convergence": _convergence(model, task, c.lam), **extra})
+        log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  stationarity %.2g  (%.0f s)%s"
+            % (c.steps, c.depth, seed, result.final["test_mse"], result.final["train_mse"],
+               runs[-1]["convergence"]["stationarity_max"], runs[-1]["seconds"], _overshoot(result)))
+
+    train_runs(plan, done, device=device, dtype=dtype, progress=progress, sequential=sequential, pad_depths=pad_depths)
     data = {"figure": "fig2", "quick": quick, "config": dataclasses.asdict(cfg), "depths": list(depths),
             "schemes": list(schemes), "a": preset["a"], "seeds": seeds, "machine": machine_info(device),
             "seconds": time.perf_counter() - t0, "runs": runs,

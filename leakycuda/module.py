@@ -16,8 +16,6 @@ __all__ = ["LeakyResNet"]
 STEP_SCHEMES = ("equidistant", "irregular", "adaptive")
 INITS = ("random", "identity")
 _STATE_VERSION = 1
-# Settings a loaded state dict must agree on (strict loading), or that it replaces (strict=False).
-_MUST_MATCH = ("effective_depth", "steps", "a")
 # Floating dtypes the stack op runs in on each device.
 _DTYPES = {"cpu": (torch.float32, torch.float64),
            "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
@@ -48,7 +46,51 @@ def _effective_depth(value):
     return value
 
 
-class LeakyResNet(nn.Module):
+class SavedSettings:
+    """State-dict loading for modules whose extra state holds settings (a mixin before nn.Module).
+
+    The saved ``activation`` must equal the module's. The settings named in ``_MUST_MATCH`` must too
+    under strict loading (ValueError naming them); ``load_state_dict(..., strict=False)`` adopts them
+    with a warning. Both checks run before any tensor is copied in (call :meth:`_check_saved_settings`
+    first in ``_load_from_state_dict``).
+    """
+
+    #: Settings a loaded state dict must agree on (strict loading), or that it replaces (strict=False).
+    _MUST_MATCH = ()
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """As ``nn.Module.load_state_dict``; ``strict=False`` also adopts other saved settings (see the class)."""
+        self._adopt_settings = not strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            del self._adopt_settings
+
+    def _check_saved_activation(self, saved):
+        activation = saved.get("activation", "relu")  # state dicts from before the option are relu
+        if activation != self.activation:
+            raise ValueError("the state dict was saved from a %s with activation=%r, this one has activation=%r; "
+                             "build the model with activation=%r to load it"
+                             % (type(self).__name__, activation, self.activation, activation))
+
+    def _check_saved_settings(self, saved):
+        # torch passes strict=True to _load_from_state_dict whatever the caller asked; load_state_dict records it.
+        if not isinstance(saved, dict):
+            return
+        self._check_saved_activation(saved)
+        kind = type(self).__name__
+        mine = self.get_extra_state()
+        diff = [k for k in self._MUST_MATCH if k in saved and saved[k] != mine[k]]
+        if diff:
+            what = ", ".join("%s=%r (this model: %r)" % (k, saved[k], mine[k]) for k in diff)
+            if not getattr(self, "_adopt_settings", False):
+                check.fail(ValueError, "state_dict", "saved from a %s with this model's settings; build the model "
+                           "with the saved ones, or load with strict=False to adopt them" % kind,
+                           "one saved with %s" % what)
+            warnings.warn("%s.load_state_dict(strict=False): adopting the saved %s" % (kind, what), stacklevel=6)
+
+
+class LeakyResNet(SavedSettings, nn.Module):
     """A Leaky ResNet: x [N, d_in] -> X_0 = x P_in^T -> L leaky layers -> y = X_L P_out^T [N, d_out].
 
     Leaky layer l = 1..L (docs/DESIGN.md §1), with sigma(X) = [relu(X), 1] (or [X, 1], see ``activation``)
@@ -257,45 +299,20 @@ class LeakyResNet(nn.Module):
         return {"version": _STATE_VERSION, "effective_depth": self._effective_depth, "steps": self.steps,
                 "a": self.a, "init": self.init, "activation": self.activation}
 
+    _MUST_MATCH = ("effective_depth", "steps", "a")
+
     def set_extra_state(self, state):
         if not isinstance(state, dict) or "effective_depth" not in state or "steps" not in state:
             check.fail(ValueError, "the state dict's LeakyResNet extra state", "a dict with 'effective_depth' and "
                        "'steps' (written by get_extra_state)", repr(state))
-        self._check_loaded_activation(state)
+        self._check_saved_activation(state)
         self._effective_depth = _effective_depth(state["effective_depth"])
         self.steps = _steps.check_scheme(state["steps"], STEP_SCHEMES, name="steps")
         self.a = _steps.check_irregularity(state.get("a", 0.0))
         self.init = _steps.check_scheme(state.get("init", self.init), INITS, name="init")
 
-    def _check_loaded_activation(self, state):
-        activation = state.get("activation", "relu")  # state dicts from before the option are relu
-        if activation != self.activation:
-            raise ValueError("the state dict was saved from a LeakyResNet with activation=%r, this one has "
-                             "activation=%r; build the model with activation=%r to load it"
-                             % (activation, self.activation, activation))
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        """As ``nn.Module.load_state_dict``; ``strict=False`` also adopts another saved Lt / step scheme / a."""
-        self._adopt_settings = not strict
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        finally:
-            del self._adopt_settings
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # torch passes strict=True here whatever the caller asked; load_state_dict above records it.
-        saved = state_dict.get(prefix + _EXTRA_STATE_KEY_SUFFIX)
-        if isinstance(saved, dict):  # refuse before any tensor is copied in
-            self._check_loaded_activation(saved)
-            mine = self.get_extra_state()
-            diff = [k for k in _MUST_MATCH if k in saved and saved[k] != mine[k]]
-            if diff:
-                what = ", ".join("%s=%r (this model: %r)" % (k, saved[k], mine[k]) for k in diff)
-                if not getattr(self, "_adopt_settings", False):
-                    check.fail(ValueError, "state_dict", "saved from a LeakyResNet with this model's settings; build "
-                               "the model with the saved ones, or load with strict=False to adopt them",
-                               "one saved with %s" % what)
-                warnings.warn("LeakyResNet.load_state_dict(strict=False): adopting the saved %s" % what, stacklevel=5)
+        self._check_saved_settings(state_dict.get(prefix + _EXTRA_STATE_KEY_SUFFIX))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         _steps.warn_if_overshoot(self.rho, self._effective_depth, where="LeakyResNet.load_state_dict",
                                  stacklevel=5)

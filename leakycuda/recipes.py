@@ -9,7 +9,7 @@ import torch
 from . import reference as _ref
 from .diagnostics import convergence
 
-__all__ = ["RefineResult", "continue_run", "refine", "shift_effective_depth"]
+__all__ = ["RefineResult", "continue_run", "refine", "shift_effective_depth", "warm_start"]
 
 #: The ridge of :func:`shift_effective_depth`, relative to ||sigma(X)||_op^2 (the COI's gamma0 in the experiments).
 DEFAULT_SHIFT_GAMMA0 = 1e-2
@@ -158,6 +158,16 @@ def refine(model, task, lam, *, iterations=500, target=1e-2, check_every=50, par
     return RefineResult(history, done, evals[0], time.perf_counter() - t0, reached)
 
 
+def warm_start(start, cfg, task):
+    """The untrained part of :func:`continue_run`: a copy of ``start`` moved to ``cfg.Lt`` by
+    :func:`shift_effective_depth` on ``task.x_train`` (ridge ``cfg.continue_gamma0``); returns (model, shift)."""
+    model = copy.deepcopy(start)
+    p = next(model.parameters())
+    shift = shift_effective_depth(model, task.x_train.to(device=p.device, dtype=p.dtype), cfg.Lt,
+                                  gamma0=cfg.continue_gamma0)
+    return model, shift
+
+
 def continue_run(start, cfg, task, *, progress=None, desc=None):
     """Warm start: trains a copy of ``start`` (a trained :class:`~leakycuda.LeakyResNet`, any Lt) at ``cfg.Lt``.
 
@@ -170,10 +180,7 @@ def continue_run(start, cfg, task, *, progress=None, desc=None):
     """
     from .train import fit
 
-    model = copy.deepcopy(start)
-    p = next(model.parameters())
-    shift = shift_effective_depth(model, task.x_train.to(device=p.device, dtype=p.dtype), cfg.Lt,
-                                  gamma0=cfg.continue_gamma0)
+    model, shift = warm_start(start, cfg, task)
     result = fit(model, task, cfg.lam, adam_steps=cfg.continue_steps, adam_lr=cfg.adam_lr, sgd_steps=cfg.sgd_steps,
                  sgd_lr=cfg.sgd_lr, adapt_every=cfg.adapt_every,
                  log_every=max(1, (cfg.continue_steps + cfg.sgd_steps) // 50), progress=progress, desc=desc)

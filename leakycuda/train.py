@@ -101,11 +101,12 @@ def _all_reduce_sum(t):
     return t
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", *, expect_format=CHECKPOINT_FORMAT):
     """Loads a :func:`fit` checkpoint with ``torch.load(weights_only=True)``; returns its dict.
 
     Keys: ``format``, ``step``, ``phase``, ``model`` (the LeakyResNet state dict), ``optimizer``,
-    ``history``, ``config``.
+    ``history``, ``config``. A LeakyEnsemble's checkpoint (``expect_format="leakycuda.fit_ensemble/1"``)
+    also holds ``diverged``.
     """
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -116,8 +117,8 @@ def load_checkpoint(path, map_location="cpu"):
         check.fail(ValueError, "path", "a leakycuda.train.fit checkpoint (written by torch.save in fit)",
                    "%s, which torch.load cannot read (%s: %s): the file is corrupt, truncated or not a "
                    "checkpoint" % (os.fspath(path), type(e).__name__, first[:200]))
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        check.fail(ValueError, "path", "a leakycuda.train.fit checkpoint (format %r)" % CHECKPOINT_FORMAT,
+    if not isinstance(ckpt, dict) or ckpt.get("format") != expect_format:
+        check.fail(ValueError, "path", "a leakycuda.train.fit checkpoint (format %r)" % expect_format,
                    "%s, which holds %s" % (os.fspath(path), "format %r" % ckpt.get("format")
                                            if isinstance(ckpt, dict) else type(ckpt).__name__))
     missing = [k for k in ("step", "phase", "model", "optimizer", "history", "config") if k not in ckpt]
@@ -133,9 +134,9 @@ def _save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum):
+def _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=False):
     if phase == "adam":
-        return torch.optim.Adam(params, lr=adam_lr)
+        return torch.optim.Adam(params, lr=adam_lr, capturable=capturable)
     return torch.optim.SGD(params, lr=sgd_lr, momentum=sgd_momentum)
 
 
@@ -146,8 +147,70 @@ def _task_tensor(task, name, rows, cols, cols_name):
     return check.finite(t, "task.%s" % name, "NaN or inf data would make every loss NaN")
 
 
+def _divergence(loss, loss0, zero_mse, factor):
+    """fit's divergence rule: (diverged, threshold, scale). Diverged: ``loss`` is not finite, or above
+    threshold = factor * scale, scale = max(loss0 (the loss at step 0, if finite), zero_mse); threshold
+    is None when ``factor`` is None or the scale is 0."""
+    scale = max(loss0, zero_mse) if loss0 is not None and math.isfinite(loss0) else zero_mse
+    threshold = None if factor is None or not scale > 0 else factor * scale
+    return not (math.isfinite(loss) and (threshold is None or loss <= threshold)), threshold, scale
+
+
+def _divergence_error(rec, loss0, zero_mse, factor, lrs, history_path, result, who=""):
+    """The :class:`DivergenceError` of a diverged record ``rec`` (one model's step, phase and loss) under
+    :func:`_divergence`'s rule; ``lrs`` = (adam_lr, sgd_lr) for the hint, ``who`` names the model when several train."""
+    loss = rec["loss"]
+    _, threshold, scale = _divergence(loss, loss0, zero_mse, factor)
+    lr_name, lr = ("adam_lr", lrs[0]) if rec["phase"] == "adam" else ("sgd_lr", lrs[1])
+    why = ("the loss became %s" % loss if not math.isfinite(loss) else
+           "the loss %.4g exceeds diverge_factor %g x the starting scale %.4g" % (loss, factor, scale))
+    where = "at the start (step 0)" if rec["step"] == 0 else "by step %d (%s phase)" % (rec["step"], rec["phase"])
+    hint = ("lower %s (now %g)" % (lr_name, lr)) if rec["step"] > 0 else "check the model's initial weights"
+    return DivergenceError("training diverged%s: %s %s; %s%s" % (who, why, where, hint, "; history in %s"
+                                                               % history_path if history_path else ""),
+                           step=rec["step"], phase=rec["phase"], loss=loss, threshold=threshold, result=result)
+
+
+def _progress_bar(total, step, desc, progress):
+    """A tqdm bar on stderr for steps step..total (None when there is nothing left); shown when stderr is a
+    terminal with ``progress=None``."""
+    if total <= step:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=step, desc=desc, file=sys.stderr, leave=False,
+                disable=None if progress is None else not progress, dynamic_ncols=True)
+
+
+def _resume_path(resume, checkpoint_path):
+    """The checkpoint to resume from (``resume`` a path, or True: checkpoint_path), or None when there is none yet."""
+    path = resume if isinstance(resume, str) else (checkpoint_path if resume else None)
+    return path if path is not None and os.path.exists(path) else None
+
+
+def _load_resume(path, device, config, expect_format):
+    """The checkpoint at ``path``; warns when its settings differ from ``config`` (the result will then differ)."""
+    ckpt = load_checkpoint(path, map_location=device, expect_format=expect_format)
+    changed = [k for k in ("lam", "adam_steps", "adam_lr", "sgd_steps", "sgd_lr", "sgd_momentum", "adapt_every")
+               if ckpt["config"].get(k) != config[k]]
+    if changed:
+        what = ", ".join("%s %r -> %r" % (k, ckpt["config"].get(k), config[k]) for k in changed)
+        warnings.warn("fit: resuming %s with different settings (%s): the result will differ from an "
+                      "uninterrupted run" % (path, what), stacklevel=4)
+    return ckpt
+
+
 def _check_fit_args(module, task, a):
     """Every argument of :func:`fit`, checked before anything runs; returns the normalised values in ``a``."""
+    params = _check_model(module)
+    _check_task(task, getattr(module, "in_features", None), getattr(module, "out_features", None))
+    a["lam"] = check.real(a["lam"], "lam", low=0.0, what="the regularization strength")
+    _check_settings(a)
+    return params
+
+
+def _check_model(module):
+    """A trainable model with finite weights; returns its trainable parameters."""
     if not isinstance(module, torch.nn.Module) or not callable(getattr(module, "regularization", None)) \
             or not isinstance(getattr(module, "rho", None), torch.Tensor):
         check.fail(TypeError, "model", "a LeakyResNet (an nn.Module with .rho and .regularization)",
@@ -159,11 +222,15 @@ def _check_fit_args(module, task, a):
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         if t.is_floating_point():
             check.finite(t, "model.%s" % name, "a model with NaN or inf weights cannot be trained")
+    return params
+
+
+def _check_task(task, d_in, d_out):
+    """x_train [N, d_in], y_train [N, d_out] (N >= 1) and optionally x_test, y_test, all finite."""
     for name in ("x_train", "y_train"):
         if not isinstance(getattr(task, name, None), torch.Tensor):
             check.fail(TypeError, "task", "an object with tensors x_train [N, d_in] and y_train [N, d_out], "
                        "e.g. leakycuda.data.bottleneck_task()", "%s without a tensor .%s" % (type(task).__name__, name))
-    d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
     x = _task_tensor(task, "x_train", None, d_in, "in_features")
     if x.shape[0] < 1:
         check.fail(ValueError, "task.x_train", "non-empty (at least one training sample)", "shape %s"
@@ -177,7 +244,9 @@ def _check_fit_args(module, task, a):
         xt = _task_tensor(task, "x_test", None, d_in, "in_features")
         _task_tensor(task, "y_test", xt.shape[0], d_out, "out_features")
 
-    a["lam"] = check.real(a["lam"], "lam", low=0.0, what="the regularization strength")
+
+def _check_settings(a):
+    """fit's other arguments (all but model, task and lam), normalised in place in ``a``."""
     for name in ("adam_steps", "sgd_steps"):
         a[name] = check.integer(a[name], name, low=0)
     for name, what in (("adam_lr", "the Adam learning rate"), ("sgd_lr", "the SGD learning rate"),
@@ -211,13 +280,18 @@ def _check_fit_args(module, task, a):
     elif resume and a["checkpoint_path"] is None:
         check.fail(ValueError, "resume", "False when there is no checkpoint_path (or the path to resume from)",
                    "True with checkpoint_path=None")
-    return params
 
 
 def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_lr=1e-3, sgd_momentum=0.0,
         adapt_every=50, adapt_during_sgd=False, log_every=50, checkpoint_path=None, checkpoint_every=1000,
-        resume=False, history_path=None, progress=None, desc=None, callback=None, diverge_factor=DIVERGE_FACTOR):
+        resume=False, history_path=None, progress=None, desc=None, callback=None, diverge_factor=DIVERGE_FACTOR,
+        cuda_graph=None):
     """Trains ``model`` (a :class:`~leakycuda.LeakyResNet`) full-batch on ``task``; returns a :class:`FitResult`.
+
+    ``model`` may also be a :class:`~leakycuda.ensemble.LeakyEnsemble`: its B members train at once
+    (``task`` one task or B tasks, ``lam`` one number or B), see
+    :func:`leakycuda._ensemble_fit.fit_ensemble`, which then runs with these arguments and returns an
+    :class:`~leakycuda._ensemble_fit.EnsembleFitResult`.
 
     Loss: ``mse(model(x), y) + model.regularization(lam)``, i.e. C + lam/(2 Lt) sum_l rho_l ||W_l||_F^2.
     Recipe (the paper's appendix): ``adam_steps`` of Adam at ``adam_lr``, then ``sgd_steps`` of SGD at
@@ -264,8 +338,19 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     all-reduced (summed) so every rank holds the same rho. The parameters then match a single
     process on the full batch up to float rounding. Only rank 0 shows progress and writes files.
     Use gloo on CPU and nccl on CUDA (the caller initialises the process group).
+
+    CUDA graphs: on a CUDA device in a single process (``cuda_graph=None``, the default) each training
+    step (forward, backward, optimizer step) is captured once in a CUDA graph and replayed, after
+    two eager warm-up steps (:class:`leakycuda._graph.TrainStep`); Adam is then created with
+    ``capturable=True``. rho is read by the graph in place, so adaptive updates need no re-capture;
+    the Adam -> SGD switch, or a changed Lt, re-captures. The results equal the eager path's within
+    float rounding. ``cuda_graph=False`` turns it off; ``True`` insists (ValueError on a CPU model or
+    under data parallelism). On the CPU it is always off.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from . import _graph
+    from .ensemble import LeakyEnsemble
 
     if isinstance(model, DDP):
         ddp_model, module = model, model.module
@@ -276,6 +361,10 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
              log_every=log_every, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
              history_path=history_path, progress=progress, desc=desc, callback=callback,
              diverge_factor=diverge_factor)
+    if isinstance(module, LeakyEnsemble):
+        from ._ensemble_fit import fit_ensemble
+
+        return fit_ensemble(model, task, cuda_graph=cuda_graph, **a)
     params = _check_fit_args(module, task, a)
     lam, adam_steps, adam_lr, sgd_steps, sgd_lr, sgd_momentum = (
         a[k] for k in ("lam", "adam_steps", "adam_lr", "sgd_steps", "sgd_lr", "sgd_momentum"))
@@ -292,6 +381,7 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
 
     p0 = params[0]
     device, dtype = p0.device, p0.dtype
+    graphed = _graph.use_cuda_graph(cuda_graph, device, world)
     x_train = task.x_train.to(device=device, dtype=dtype)
     y_train = task.y_train.to(device=device, dtype=dtype)
     x_test = getattr(task, "x_test", None)
@@ -317,15 +407,9 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     total = adam_steps + sgd_steps
 
     step, history = 0, []
-    resume_path = resume if isinstance(resume, str) else (checkpoint_path if resume else None)
-    if resume_path is not None and os.path.exists(resume_path):
-        ckpt = load_checkpoint(resume_path, map_location=device)
-        changed = [k for k in ("lam", "adam_steps", "adam_lr", "sgd_steps", "sgd_lr", "sgd_momentum", "adapt_every")
-                   if ckpt["config"].get(k) != config[k]]
-        if changed:
-            what = ", ".join("%s %r -> %r" % (k, ckpt["config"].get(k), config[k]) for k in changed)
-            warnings.warn("fit: resuming %s with different settings (%s): the result will differ from an "
-                          "uninterrupted run" % (resume_path, what), stacklevel=2)
+    resume_path = _resume_path(resume, checkpoint_path)
+    if resume_path is not None:
+        ckpt = _load_resume(resume_path, device, config, CHECKPOINT_FORMAT)
         try:
             module.load_state_dict(ckpt["model"])
         except (RuntimeError, ValueError) as e:
@@ -333,15 +417,23 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
                        % (resume_path, str(e).strip().replace("\n\t", " ").replace("\n", " ")[:400]))
         step, history = int(ckpt["step"]), list(ckpt["history"])
         phase = ckpt["phase"]
-        opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum)
+        opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=graphed)
         opt.load_state_dict(ckpt["optimizer"])
     else:
         phase = "adam" if adam_steps > 0 else "sgd"
-        opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum)
+        opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=graphed)
     resumed_from = step
     Lt = float(getattr(module, "effective_depth", 0.0))
     max_rho_Lt = float(module.rho.detach().max()) * Lt if module.rho.numel() else 0.0
     overshoots, updates = 0, 0
+
+    def body(opt):
+        loss = data_scale * (net(x_shard) - y_shard).square().sum() + module.regularization(lam)
+        loss.backward()
+        opt.step()
+
+    runner = _graph.TrainStep(body, graphed=graphed, device=device,
+                              watch=lambda: list(module.parameters()) + list(module.buffers()))
 
     def evaluate():
         with torch.no_grad():
@@ -363,10 +455,7 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
             save_history(history, history_path)
 
     def check_divergence(rec):
-        loss = rec["loss"]
-        scale = max(history[0]["loss"], zero_mse) if history and math.isfinite(history[0]["loss"]) else zero_mse
-        threshold = None if diverge_factor is None or not scale > 0 else diverge_factor * scale
-        if math.isfinite(loss) and (threshold is None or loss <= threshold):
+        if not _divergence(rec["loss"], history[0]["loss"] if history else None, zero_mse, diverge_factor)[0]:
             return
         if history and history[-1] is not rec:
             history.append(rec)
@@ -374,22 +463,11 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
             bar.close()
         if history_path is not None and rank == 0:
             save_history(history, history_path)
-        lr_name, lr = ("adam_lr", adam_lr) if rec["phase"] == "adam" else ("sgd_lr", sgd_lr)
-        why = ("the loss became %s" % loss if not math.isfinite(loss) else
-               "the loss %.4g exceeds diverge_factor %g x the starting scale %.4g" % (loss, diverge_factor, scale))
-        where = "at the start (step 0)" if rec["step"] == 0 else "by step %d (%s phase)" % (rec["step"], rec["phase"])
-        hint = ("lower %s (now %g)" % (lr_name, lr)) if rec["step"] > 0 else "check the model's initial weights"
-        raise DivergenceError("training diverged: %s %s; %s%s" % (why, where, hint,
-                                                                  "; history in %s" % history_path if history_path else ""),
-                              step=rec["step"], phase=rec["phase"], loss=loss, threshold=threshold,
-                              result=FitResult(history=history, steps=rec["step"], wall_s=time.perf_counter() - t0,
-                                               resumed_from=resumed_from, max_rho_Lt=max_rho_Lt))
+        raise _divergence_error(rec, history[0]["loss"], zero_mse, diverge_factor, (adam_lr, sgd_lr), history_path,
+                                FitResult(history=history, steps=rec["step"], wall_s=time.perf_counter() - t0,
+                                          resumed_from=resumed_from, max_rho_Lt=max_rho_Lt))
 
-    bar = None
-    if rank == 0 and total > step:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=step, desc=desc or "fit", file=sys.stderr, leave=False,
-                   disable=None if progress is None else not progress, dynamic_ncols=True)
+    bar = _progress_bar(total, step, desc or "fit", progress) if rank == 0 else None
     t0 = time.perf_counter()
     if not history:
         history.append(evaluate())
@@ -397,7 +475,7 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     while step < total:
         if step == adam_steps and phase == "adam":
             phase = "sgd"
-            opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum)
+            opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=graphed)
         if adaptive and step % adapt_every == 0 and (phase == "adam" or adapt_during_sgd):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", StepOvershootWarning)
@@ -406,10 +484,7 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
             if rho_Lt_violations(module.rho, Lt):
                 overshoots += 1
             max_rho_Lt = max(max_rho_Lt, float(module.rho.detach().max()) * Lt)
-        opt.zero_grad(set_to_none=True)
-        loss = data_scale * (net(x_shard) - y_shard).square().sum() + module.regularization(lam)
-        loss.backward()
-        opt.step()
+        runner(opt, key=(phase, module.effective_depth))
         step += 1
         if bar is not None:
             bar.update(1)
