@@ -90,11 +90,15 @@ def _add_run_options(p, defaults):
     g.add_argument("--init", choices=("auto", "random", "identity"),
                    help="weight init (auto: random below Lt = 8, identity from 8 on)")
     g.add_argument("--gamma0", type=float, help="relative ridge gamma0 of the COI / K-norms (> 0)")
+    g.add_argument("--refine-steps", type=int, help="L-BFGS refinement iterations on W after training (>= 0; 0: none)")
+    g.add_argument("--refine-target", type=float, help="stationarity residual at which refinement stops (> 0)")
 
 
 def _overrides(args):
     names = {"steps": "adam_steps", "sgd_steps": "sgd_steps", "lr": "adam_lr", "sgd_lr": "sgd_lr", "lam": "lam",
-             "width": "width", "n_train": "n_train", "n_test": "n_test", "init": "init", "gamma0": "gamma0"}
+             "width": "width", "n_train": "n_train", "n_test": "n_test", "init": "init", "gamma0": "gamma0",
+             "refine_steps": "refine_steps", "refine_target": "refine_target", "continue_above": "continue_above",
+             "continue_steps": "continue_steps"}
     return {field: getattr(args, a) for a, field in names.items() if getattr(args, a, None) is not None}
 
 
@@ -125,8 +129,8 @@ def _prepare_related(args, parser):
     """reproduce <related experiment>'s checked settings: (out, keyword arguments of its run function)."""
     from . import _validate, experiments
 
-    figure_only = ("Lts", "depths", "schemes", "steps", "sgd_steps", "lr", "sgd_lr", "lam", "width", "n_train",
-                   "n_test", "init", "gamma0")
+    figure_only = ("Lts", "depths", "schemes", "continue_above", "continue_steps", "steps", "sgd_steps", "lr",
+                   "sgd_lr", "lam", "width", "n_train", "n_test", "init", "gamma0", "refine_steps", "refine_target")
     given = [name for name in figure_only if getattr(args, name, None) is not None]
     if given:
         parser.error("argument --%s: applies to 'reproduce fig1|fig2' only; '%s' runs its own preset (--quick for "
@@ -153,11 +157,11 @@ def _prepare_reproduce(args, parser):
     if args.figure not in ("fig1", "fig2"):
         return _prepare_related(args, parser)
     args.dtype = args.dtype or "float32"
-    other = {"fig1": ("depths", "schemes"), "fig2": ("Lts",)}[args.figure]
+    other = {"fig1": ("depths", "schemes"), "fig2": ("Lts", "continue_above", "continue_steps")}[args.figure]
     for name in other:
         if getattr(args, name) is not None:
             parser.error("argument --%s: applies to 'reproduce %s' only, not to %s"
-                         % (name, "fig1" if args.figure == "fig2" else "fig2", args.figure))
+                         % (name.replace("_", "-"), "fig1" if args.figure == "fig2" else "fig2", args.figure))
     preset = (experiments.FIG1 if args.figure == "fig1" else experiments.FIG2)["quick" if args.quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **_overrides(args))
     out = os.path.join("leakycuda_out", args.figure) if args.out is None else args.out
@@ -362,6 +366,9 @@ def build_parser():
     r.add_argument("--Lts", type=_floats, help="fig1: comma list of effective depths (> 0)")
     r.add_argument("--depths", type=_ints, help="fig2: comma list of depths L (>= 1)")
     r.add_argument("--schemes", type=_words, help="fig2: comma list of step schemes (equidistant, irregular, adaptive)")
+    r.add_argument("--continue-above", type=float,
+                   help="fig1: from this Lt on, each seed warm-starts from its previous Lt (default 8; inf: never)")
+    r.add_argument("--continue-steps", type=int, help="fig1: Adam steps after a warm start (default 3000)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--sequential", action="store_true",
                    help="train the runs one at a time (default: batched, as one ensemble per group of runs that "

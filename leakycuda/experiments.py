@@ -110,7 +110,9 @@ DEMO = RunConfig(n_train=500, n_test=500, width=64, depth=20, Lt=6.0)
 
 # Figure 1: the 30 -> 3 -> 30 task, L = 20 equidistant layers, a sweep over Lt.
 FIG1 = {
-    "paper": dict(config=RunConfig(), Lts=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0)),
+    # From Lt = 8 on, each seed's run warm-starts from its previous Lt (docs/DESIGN.md, "Training at large Lt"):
+    # a random init collapses to zero weights there and the identity init forms no bottleneck.
+    "paper": dict(config=RunConfig(continue_above=8.0), Lts=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0)),
     "quick": dict(config=RunConfig(n_train=200, n_test=200, width=32, adam_steps=1500, sgd_steps=300),
                   Lts=(2.0, 4.0, 6.0)),
 }
@@ -406,11 +408,11 @@ def _final(result):
     return {k: f[k] for k in ("loss", "train_mse", "reg", "test_mse")}
 
 
-def _train(cfg, seed, *, start, device, dtype, progress, desc):
+def _train(cfg, seed, *, start, device, dtype, progress, desc, history_path=None):
     """train_run (warm-started from ``start`` when given), then cfg.refine_steps of L-BFGS refinement;
     returns (model, task, result, extra) with extra = {"warm_start": bool, "refine": dict or None}."""
     model, task, result = train_run(cfg, seed, device=device, dtype=dtype, progress=progress, desc=desc,
-                                    start=start)
+                                    start=start, history_path=history_path)
     return model, task, result, _refined(model, task, cfg, start is not None)
 
 
@@ -451,8 +453,8 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
         "Lt = %g, lam = %g, init %s; %d Adam + %d SGD steps on %s"
         % (" -> ".join(map(str, cfg.inner)), min(cfg.inner), cfg.n_train, cfg.width, cfg.depth, cfg.Lt, cfg.lam,
            cfg.resolved_init(), cfg.adam_steps, cfg.sgd_steps, device))
-    model, task, result = train_run(cfg, seed, device=device, dtype=dtype, progress=progress, desc="demo",
-                                    history_path=os.path.join(out, "history.json"))
+    model, task, result, extra = _train(cfg, seed, start=None, device=device, dtype=dtype, progress=progress,
+                                        desc="demo", history_path=os.path.join(out, "history.json"))
     t_train = time.perf_counter() - t0
     fin = _final(result)
     log("trained in %.1f s: train MSE %.4g, test MSE %.4g, regularization %.4g%s"
@@ -475,7 +477,7 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
     files["json"] = os.path.join(out, "demo.json")
     _dump({"config": dataclasses.asdict(cfg), "seed": seed, "task": task.describe(), "machine": machine_info(device),
            "train_seconds": t_train, "final": fin, "summary": summary, "layers": stats,
-           "convergence": _convergence(model, task, cfg.lam),
+           "convergence": _convergence(model, task, cfg.lam), "refine": extra["refine"],
            "diagnostics": json.loads(report.to_json()), "files": _names(files)}, files["json"])
     log("")
     log("wrote %s" % ", ".join(files[k] for k in ("spectra", "energies", "history_plot", "history", "history_csv",

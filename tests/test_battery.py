@@ -424,6 +424,9 @@ EXPERIMENTS = [
 ]
 
 CLI = [
+    cli("fig2-continue-above", "reproduce fig2 --continue-above 3", "--continue-above", "fig1"),
+    cli("fig1-refine-steps-negative", "reproduce fig1 --refine-steps -1", "--refine-steps", ">= 0", "-1"),
+    cli("fig1-refine-target-zero", "reproduce fig1 --refine-target 0", "--refine-target", "> 0"),
     cli("related-training-flag", "reproduce dln-rank --steps 5", "--steps", "fig1|fig2"),
     cli("related-sweep-flag", "reproduce fcnn-bottleneck --Lts 1,2", "--Lts", "fig1|fig2"),
     cli("related-seeds-repeated", "reproduce dln-saddle --seeds 0,0", "--seeds", "distinct"),
