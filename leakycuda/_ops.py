@@ -82,6 +82,8 @@ def _leaky_stack_setup(ctx, inputs, output):
     _, W, rho, Lt, return_all, checkpoint, activation, model_Lt = inputs
     out, states = output
     ctx.mark_non_differentiable(states)
+    # No zero-filled gradient for states (as large as the saved representations) on every backward.
+    ctx.set_materialize_grads(False)
     ctx.Lt, ctx.activation = Lt, activation
     # With every X_l returned, backward reads them from the output itself (interval 1).
     ctx.k = 1 if return_all else checkpoint
@@ -89,6 +91,8 @@ def _leaky_stack_setup(ctx, inputs, output):
 
 
 def _leaky_stack_grad(ctx, dout, dstates):
+    if dout is None:  # only reachable through states, which is not differentiable
+        return None, None, None, None, None, None, None, None
     saved, W, rho, model_Lt = ctx.saved_tensors
     dx0, dW, drho = ops.leaky_stack_backward(dout, saved, W, rho, ctx.Lt, ctx.k, ctx.activation, model_Lt)
     return dx0, dW, drho, None, None, None, None, None
