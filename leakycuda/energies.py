@@ -1,4 +1,4 @@
-"""Cost of Identity, K-norms and the energies along a trajectory (DESIGN.md §1, §3); the ops run on CPU or CUDA alike.
+"""Cost of Identity, K-norms and the energies along a trajectory (docs/DESIGN.md §1, §3); the ops run on CPU or CUDA alike.
 
 Notation: ``S = sigma(X) = [act(X), 1]`` (``[N, w+1]``; ``[N, w]`` with ``bias=False``), act = relu
 (``activation="relu"``, the default) or the identity (``"linear"``: deep linear networks), ``K = S S^T`` and
@@ -224,7 +224,7 @@ def stable_rank(X):
     """``||X||_*^2 / ||X||_F^2`` of a floating X [..., N, w] -> [...] (float64 inside, X's dtype out); 0 for
     X = 0, NaN where X is not finite.
 
-    A cheap, continuous lower bound of the exact COI for bias-free sigma (see DESIGN.md §1).
+    A cheap, continuous lower bound of the exact COI for bias-free sigma (see docs/DESIGN.md §1).
     """
     _check_tensor(X, "X", "[..., N, w]")
     if not X.is_floating_point():

@@ -1,4 +1,4 @@
-"""Functional API of the leaky residual layer and stack (DESIGN.md §3); the ops run on CPU or CUDA alike."""
+"""Functional API of the leaky residual layer and stack (docs/DESIGN.md §3); the ops run on CPU or CUDA alike."""
 import math
 import numbers
 

@@ -34,7 +34,7 @@ def leaky_stack(x0, W, rho, Lt, *, return_all=False, activation="relu"):
     return torch.stack(xs) if return_all else xs[-1]
 
 
-# --- Cost of Identity, K-norms, energies (DESIGN.md §1) ---------------------------------------
+# --- Cost of Identity, K-norms, energies (docs/DESIGN.md §1) ---------------------------------------
 
 
 def gamma_policy(X, gamma0, bias=True, activation="relu"):

@@ -36,6 +36,9 @@ def _worker(rank, port, steps, out):
                     p.add_(1.0)
         result = fit(model, task, 1e-2, **FIT)
         torch.save({"state": model.state_dict(), "history": result.history}, out)
+        # Both ranks done before either tears gloo down: a rank that destroys its group while the other still
+        # talks to it can abort the other ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -459,6 +459,9 @@ def _ddp_worker(rank, port, out):
                     p.add_(1.0)
         r = fit(ens, tasks, 1e-2, **FIT)
         torch.save({"state": ens.state_dict(), "history": r.history}, out)
+        # Both ranks done before either tears gloo down: a rank that destroys its group while the other still
+        # talks to it can abort the other ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

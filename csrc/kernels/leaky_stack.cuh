@@ -1,6 +1,6 @@
 // Torch-free device code of the persistent leaky-stack forward/backward sweeps for widths w <= 256.
 //
-// Shapes (batch-first, DESIGN.md): X_l [N, w], W [L, w, w+1] (W_l = [V_l | b_l]), rho [L]; B models
+// Shapes (batch-first, docs/DESIGN.md §1): X_l [N, w], W [L, w, w+1] (W_l = [V_l | b_l]), rho [L]; B models
 // stack these with a leading [B] (one model is B = 1). sigma(X) = [act(X), 1], act = relu or identity.
 // Forward layer i (0-based weight index): X_{i+1} = (1 - rho_i Lt) X_i + rho_i (act(X_i) V_i^T + b_i).
 // Backward layer i:  G_i = (1 - rho_i Lt) G_{i+1} + rho_i (G_{i+1} V_i) * act'(X_i).
