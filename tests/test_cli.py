@@ -35,6 +35,18 @@ def test_reproduce_fig1_quick(tmp_path, capsys):
     for name in ("fig1a.png", "fig1b_Lt3.png", "fig1c_Lt3.png"):
         assert (out / name).stat().st_size > 0
     assert "results in" in capsys.readouterr().out
+    # The README's tables come from docs/results/tables.py: one row per Lt, its per-seed values from the JSON.
+    table = _tables(out / "fig1.json")
+    rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
+    assert len(rows) == 2 and "%.2f / %.2f" % tuple(r["summary"]["coi_min"] for r in d["runs"] if r["Lt"] == 1.0) \
+        in rows[0]
+
+
+def _tables(path):
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "docs", "results", "tables.py"),
+                        str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def test_reproduce_fig2_quick(tmp_path):
@@ -47,6 +59,9 @@ def test_reproduce_fig2_quick(tmp_path):
     assert sum(adaptive["layers"]["rho"]) == pytest.approx(1.0)
     for name in ("fig2a.png", "fig2b.png"):
         assert (out / name).stat().st_size > 0
+    table = _tables(out / "fig2.json")
+    eq = [r["final"]["test_mse"] for r in d["runs"] if r["scheme"] == "equidistant" and r["L"] == 4][0]
+    assert "| equidistant | %.3g [%.3g, %.3g] |" % (eq, eq, eq) in table
 
 
 @pytest.mark.parametrize("name", ["dln-rank", "dln-saddle", "fcnn-bottleneck"])
