@@ -192,8 +192,10 @@ ENSEMBLE_SHARED = ("inner", "teacher", "n_train", "n_test", "width", "adam_steps
 
 def train_runs(plan, done, *, device="cpu", dtype=torch.float32, progress=None, sequential=False, pad_depths=False):
     """Trains the runs ``plan`` = [(cfg, seed, desc, start), ...] and calls
-    ``done(i, model, task, result, extra, seconds)`` for each, in plan order (model a LeakyResNet, result a
-    FitResult, extra = {"warm_start", "refine"} as :func:`_train` gives it, seconds its training time).
+    ``done(i, model, task, result, extra, seconds)`` for each as soon as it has trained (model a LeakyResNet,
+    result a FitResult, extra = {"warm_start", "refine"} as :func:`_train` gives it, seconds its training
+    time): sequential, in plan order; batched, group by group (each group's runs in plan order), so a
+    caller that wants plan order sorts by i.
 
     ``start``: None, or the index of an earlier run whose trained model this one warm-starts from
     (:func:`leakycuda.recipes.continue_run`: shifted to cfg.Lt, then cfg.continue_steps Adam steps).
@@ -233,9 +235,10 @@ def train_runs(plan, done, *, device="cpu", dtype=torch.float32, progress=None, 
     for key in sorted(groups, key=lambda k: k[0]):  # a warm start's group after the group it starts from
         index = groups[key]
         starts = [None if plan[i][3] is None else trained[plan[i][3]][0] for i in index]
-        trained.update(_train_group([plan[i] for i in index], index, starts, device, dtype, progress))
-    for i in range(len(plan)):
-        done(i, *trained[i])
+        group = _train_group([plan[i] for i in index], index, starts, device, dtype, progress)
+        trained.update(group)
+        for i in index:  # reported now, not after the whole sweep: a long sweep shows its results as it goes
+            done(i, *group[i])
 
 
 def _train_group(runs, index, starts, device, dtype, progress):
@@ -514,12 +517,13 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
             start = previous.get(seed) if Lt >= c.continue_above else None  # warm start from the previous Lt
             previous[seed] = len(plan)
             plan.append((c, seed, "fig1 Lt=%g seed=%d" % (Lt, seed), start))
-    runs = []
+    runs, order = [], []
 
     def done(i, model, task, result, extra, seconds):
         (c, seed, _, start), t = plan[i], time.perf_counter()
         stats = layer_stats(model, task.x_train, c.gamma0, top=20)
         summary = rank_summary(stats)
+        order.append(i)
         runs.append({"Lt": c.Lt, "seed": seed, "init": "warm start" if start is not None else c.resolved_init(),
                      "seconds": seconds + time.perf_counter() - t, "final": _final(result),
                      "max_rho_Lt": result.max_rho_Lt, "summary": summary, "layers": stats,
@@ -531,6 +535,7 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
                runs[-1]["seconds"], _overshoot(result)))
 
     train_runs(plan, done, device=device, dtype=dtype, progress=progress, sequential=sequential)
+    runs[:] = [r for _, r in sorted(zip(order, runs), key=lambda p: p[0])]  # plan order (Lt, then seed)
     data = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
             "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs}
     files = plot_fig1(data, out)
@@ -559,11 +564,12 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
     t0 = time.perf_counter()
     plan = [(dataclasses.replace(cfg, depth=L, steps=scheme, a=preset["a"] if scheme == "irregular" else 0.0), seed,
              "fig2 %s L=%d seed=%d" % (scheme, L, seed), None) for scheme in schemes for L in depths for seed in seeds]
-    runs = []
+    runs, order = [], []
 
     def done(i, model, task, result, extra, seconds):
         (c, seed, _, _), t = plan[i], time.perf_counter()
         stats = layer_stats(model, task.x_train, c.gamma0, top=20)
+        order.append(i)
         runs.append({"scheme": c.steps, "L": c.depth, "seed": seed, "seconds": seconds + time.perf_counter() - t,
                      "final": _final(result), "max_rho_Lt": result.max_rho_Lt,
                      "summary": rank_summary(stats), "layers": stats,
@@ -573,6 +579,7 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
                runs[-1]["convergence"]["stationarity_max"], runs[-1]["seconds"], _overshoot(result)))
 
     train_runs(plan, done, device=device, dtype=dtype, progress=progress, sequential=sequential, pad_depths=pad_depths)
+    runs[:] = [r for _, r in sorted(zip(order, runs), key=lambda p: p[0])]  # plan order (scheme, L, seed)
     data = {"figure": "fig2", "quick": quick, "config": dataclasses.asdict(cfg), "depths": list(depths),
             "schemes": list(schemes), "a": preset["a"], "seeds": seeds, "machine": machine_info(device),
             "seconds": time.perf_counter() - t0, "runs": runs,

@@ -387,6 +387,24 @@ def _numbers(obj, prefix=""):
         yield prefix, obj
 
 
+def test_batched_sweep_reports_each_group_when_it_has_trained(monkeypatch):
+    """A long batched sweep shows its results as it goes: a group's runs reach done() before the next group
+    trains (fig2 at two depths is two groups)."""
+    from leakycuda import experiments
+
+    events, real = [], experiments._train_group
+
+    def group(runs, index, *args):
+        events.append(("train", tuple(index)))
+        return real(runs, index, *args)
+
+    monkeypatch.setattr(experiments, "_train_group", group)
+    plan = [(experiments.dataclasses.replace(experiments.FIG2["quick"]["config"], depth=L, adam_steps=2, sgd_steps=0,
+                                             n_train=8, n_test=0, width=4), 0, "run", None) for L in (2, 3)]
+    experiments.train_runs(plan, lambda i, *rest: events.append(("done", i)), dtype=F64, progress=False)
+    assert events == [("train", (0,)), ("done", 0), ("train", (1,)), ("done", 1)]
+
+
 @pytest.mark.parametrize("figure", ["fig1", "fig1-recipe", "fig2"])
 def test_reproduce_batched_equals_sequential(tmp_path, figure):
     """The batched sweeps give the sequential JSON (and the same files); fig1-recipe adds issue 11's recipe:
