@@ -178,8 +178,9 @@ def plot_fig1a(Lts, rank_median, rank_min, rank_max, coi_min, path, *, k_star=No
     ax.set_xlabel("effective depth $\\tilde L$")
     ax.set_ylabel("rank estimate (symlog scale)")
     seeds = _np(rank_median).shape[1] if _np(rank_median).ndim == 2 else 1
-    ax.set_title("Fig. 1a: bottleneck rank estimates vs effective depth%s%s"
-                 % (" (L = %d" % depth if depth else " (", ", %d seed%s)" % (seeds, "s" if seeds > 1 else "")),
+    ax.set_title("Fig. 1a: bottleneck rank estimates vs effective depth%s%s%s"
+                 % (" (L = %d" % depth if depth else " (", ", %d seed%s)" % (seeds, "s" if seeds > 1 else ""),
+                    "\npoints: mean over seeds, bars: min..max over seeds" if seeds > 1 else ""),
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
@@ -190,6 +191,7 @@ def plot_fig2a(depths, errors, path, *, title=None):
     """Test error against depth L, one line per step scheme: errors = {scheme: [n_L] or [n_L, n_seeds]}."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    seeds = max((_np(e).shape[1] if _np(e).ndim == 2 else 1) for e in errors.values())
     for i, (scheme, err) in enumerate(errors.items()):
         m, spread = _mean_err(err)
         ax.errorbar(depths, m, yerr=spread, fmt="-o", ms=4, color="C%d" % i, capsize=2, label=scheme)
@@ -198,7 +200,7 @@ def plot_fig2a(depths, errors, path, *, title=None):
     ax.set_xticklabels([str(d) for d in depths])
     ax.minorticks_off()
     ax.set_xlabel("number of layers L")
-    ax.set_ylabel("test MSE")
+    ax.set_ylabel("test MSE" + ("\n(mean over %d seeds, bars: min..max)" % seeds if seeds > 1 else ""))
     ax.grid(alpha=0.3)
     _log_y(ax)
     ax.legend(title="step scheme", fontsize=8, title_fontsize=8)
