@@ -64,6 +64,28 @@ def test_reproduce_fig2_quick(tmp_path):
     assert "| equidistant | %.3g [%.3g, %.3g] |" % (eq, eq, eq) in table
 
 
+def test_fig2_launches_at_different_depths_merge_into_the_one_launch(tmp_path):
+    """docs/results/merge_fig2.py: fig2 run at L = 4 and at L = 6 separately, merged, gives the runs and the
+    test_mse table of one launch at L = 4, 6 (each depth trains as its own ensemble, so the numbers agree)."""
+    for name, depths in (("a", "4"), ("b", "6"), ("both", "4,6")):
+        assert cli.main(["reproduce", "fig2", "--quick", "--out", str(tmp_path / name), "--depths", depths,
+                         "--seeds", "2"] + TINY) == 0
+    script = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "merge_fig2.py")
+    r = subprocess.run([sys.executable, script, str(tmp_path / "m"), str(tmp_path / "b" / "fig2.json"),
+                        str(tmp_path / "a" / "fig2.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got, ref = (json.loads((tmp_path / n / "fig2.json").read_text()) for n in ("m", "both"))
+    assert got["depths"] == [4, 6] and [p["depths"] for p in got["parts"]] == [[6], [4]]
+    key = lambda run: (run["scheme"], run["L"], run["seed"])
+    assert [key(run) for run in got["runs"]] == [key(run) for run in ref["runs"]]
+    assert [run["final"] for run in got["runs"]] == pytest.approx([run["final"] for run in ref["runs"]], rel=1e-6)
+    assert got["test_mse"] == pytest.approx(ref["test_mse"], rel=1e-6)
+    assert (tmp_path / "m" / "fig2a.png").stat().st_size > 0
+    r = subprocess.run([sys.executable, script, str(tmp_path / "m2"), str(tmp_path / "a" / "fig2.json"),
+                        str(tmp_path / "both" / "fig2.json")], capture_output=True, text=True)
+    assert r.returncode == 1 and "share a depth" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("name", ["dln-rank", "dln-saddle", "fcnn-bottleneck"])
 def test_reproduce_related_dispatches_its_checked_settings(name, tmp_path, monkeypatch):
     from leakycuda import related
