@@ -162,6 +162,11 @@ def _prepare_reproduce(args, parser):
         if getattr(args, name) is not None:
             parser.error("argument --%s: applies to 'reproduce %s' only, not to %s"
                          % (name.replace("_", "-"), "fig1" if args.figure == "fig2" else "fig2", args.figure))
+    if args.pad_depths and args.figure != "fig2":
+        parser.error("argument --pad-depths: applies to 'reproduce fig2' only, not to %s" % args.figure)
+    if args.pad_depths and args.sequential:
+        parser.error("argument --pad-depths: not allowed with --sequential (it pads the depths of one batched "
+                     "ensemble; --sequential trains one run at a time)")
     preset = (experiments.FIG1 if args.figure == "fig1" else experiments.FIG2)["quick" if args.quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **_overrides(args))
     out = os.path.join("leakycuda_out", args.figure) if args.out is None else args.out
@@ -170,6 +175,8 @@ def _prepare_reproduce(args, parser):
                                                device=args.device, dtype=_dtype(args.dtype), **sweep)
     kw = dict(quick=args.quick, device=device, dtype=dtype, seeds=seeds, overrides=_overrides(args),
               progress=False if args.no_progress else None, sequential=args.sequential, **sweep)
+    if args.pad_depths:
+        kw["pad_depths"] = True
     return out, kw
 
 
@@ -373,6 +380,9 @@ def build_parser():
     r.add_argument("--sequential", action="store_true",
                    help="train the runs one at a time (default: batched, as one ensemble per group of runs that "
                         "share a depth; the same numbers up to float rounding)")
+    r.add_argument("--pad-depths", action="store_true",
+                   help="fig2: train every depth in one ensemble, the shallower stacks padded with identity layers "
+                        "(rho_l = 0; default: one ensemble per depth)")
     _add_run_options(r, "the paper's: width 100, 1000 points, 5000 Adam + 1000 SGD steps, lam 1e-2")
     r.set_defaults(func=_cmd_reproduce, prepare=_prepare_reproduce)
 

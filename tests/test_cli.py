@@ -64,6 +64,22 @@ def test_reproduce_fig2_quick(tmp_path):
     assert "| equidistant | %.3g [%.3g, %.3g] |" % (eq, eq, eq) in table
 
 
+def test_reproduce_fig2_pad_depths(tmp_path, capsys):
+    """--pad-depths trains fig2's depths as one padded ensemble: the same runs as one ensemble per depth; it is
+    refused, in one line before any work, for fig1 and with --sequential."""
+    for name, extra in (("per-depth", []), ("padded", ["--pad-depths"])):
+        assert cli.main(["reproduce", "fig2", "--quick", "--out", str(tmp_path / name), "--depths", "3,5"]
+                        + extra + TINY) == 0
+    got, ref = (json.loads((tmp_path / n / "fig2.json").read_text()) for n in ("padded", "per-depth"))
+    assert [(r["scheme"], r["L"]) for r in got["runs"]] == [(r["scheme"], r["L"]) for r in ref["runs"]]
+    assert got["test_mse"] == pytest.approx(ref["test_mse"], rel=1e-4)
+    for bad in (["fig1", "--pad-depths"], ["fig2", "--pad-depths", "--sequential"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["reproduce"] + bad + ["--quick", "--out", str(tmp_path / "x")])
+        assert e.value.code == 2 and "--pad-depths" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_fig2_launches_at_different_depths_merge_into_the_one_launch(tmp_path):
     """docs/results/merge_fig2.py: fig2 run at L = 4 and at L = 6 separately, merged, gives the runs and the
     test_mse table of one launch at L = 4, 6 (each depth trains as its own ensemble, so the numbers agree)."""
