@@ -14,13 +14,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <map>
-#include <mutex>
 #include <utility>
 #include <vector>
 
 #include "../energies.h"
 #include "../kernels/energies.cuh"
+#include "device_utils.h"
 
 namespace leakycuda {
 namespace {
@@ -28,28 +27,8 @@ namespace {
 namespace k = kernels;
 using at::Tensor;
 
-int smem_optin(int dev) {
-  static std::mutex mu;
-  static std::map<int, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(dev);
-  if (it != cache.end()) return it->second;
-  int v = 48 * 1024;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return cache[dev] = v;
-}
-
-// Raises a kernel's dynamic shared-memory limit to `bytes` (once per kernel, device and size).
-void allow_smem(const void* kernel, int bytes, int dev) {
-  if (bytes <= 48 * 1024) return;
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> done;
-  std::lock_guard<std::mutex> lock(mu);
-  int& cur = done[{kernel, dev}];
-  if (cur >= bytes) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  cur = bytes;
-}
+using cuda_util::allow_smem;
+int smem_optin(int dev) { return cuda_util::device_info(dev).smem_optin; }
 
 int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 

@@ -14,12 +14,11 @@
 #include <algorithm>
 #include <climits>
 #include <functional>
-#include <map>
-#include <mutex>
 #include <type_traits>
 #include <utility>
 
 #include "../kernels/leaky_stack_instances.cuh"
+#include "device_utils.h"
 #include "../leaky_stack.h"
 
 namespace leakycuda {
@@ -39,38 +38,10 @@ template <typename S> kt<S>* ptr(const Tensor& t) { return reinterpret_cast<kt<S
 template <typename S> kacc<S>* acc_ptr(const Tensor& t) { return reinterpret_cast<kacc<S>*>(t.data_ptr()); }
 template <typename S> at::ScalarType acc_dtype() { return std::is_same_v<S, double> ? at::kDouble : at::kFloat; }
 
-struct DeviceInfo {
-  int sms = 1, smem_optin = 48 * 1024;
-};
-
-inline DeviceInfo device_info(int dev) {
-  static std::mutex mu;
-  static std::map<int, DeviceInfo> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(dev);
-  if (it != cache.end()) return it->second;
-  DeviceInfo d;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  cache[dev] = d;
-  return d;
-}
-
-inline bool capturing() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-}
-
-// Raises a kernel's dynamic shared-memory limit, once per kernel and device.
-inline void allow_smem(const void* kernel, int64_t bytes, int dev) {
-  if (bytes <= 48 * 1024) return;
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int64_t> done;
-  std::lock_guard<std::mutex> lock(mu);
-  int64_t& cur = done[{kernel, dev}];
-  if (cur >= bytes) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  cur = bytes;
-}
+using cuda_util::allow_smem;
+using cuda_util::capturing;
+using cuda_util::device_info;
+using cuda_util::DeviceInfo;
 
 // What one call runs on: sizes (B models of L layers, width w, N rows), the shared Lt and the optional
 // per-model Lt ([B] float64 on the device), the device and torch's current stream.
