@@ -91,7 +91,7 @@ def _leaky_stack_setup(ctx, inputs, output):
 
 
 def _leaky_stack_grad(ctx, dout, dstates):
-    if dout is None:  # only reachable through states, which is not differentiable
+    if dout is None:  # no gradient reached out (gradcheck's undefined-output-grad check does this)
         return None, None, None, None, None, None, None, None
     saved, W, rho, model_Lt = ctx.saved_tensors
     dx0, dW, drho = ops.leaky_stack_backward(dout, saved, W, rho, ctx.Lt, ctx.k, ctx.activation, model_Lt)
