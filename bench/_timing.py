@@ -1,5 +1,4 @@
 """Shared benchmark helpers: median timing (CUDA events on GPU), peak memory, machine facts, JSON and tables."""
-import json
 import os
 import resource
 import statistics
@@ -8,6 +7,7 @@ import time
 
 import torch
 
+from leakycuda import _json
 from leakycuda._env import machine_info  # noqa: F401  (re-exported for the bench scripts)
 
 
@@ -82,9 +82,9 @@ class PeakMemory:
 
 
 def write_json(path, payload):
+    """Writes payload as strict JSON (non-finite floats as null: leakycuda._json's convention)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+    _json.dump(payload, path, indent=2)
     print("wrote", path)
 
 

@@ -71,7 +71,7 @@ def main():
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     path = os.path.join(os.path.dirname(__file__), "results", "ab_stack_step_%s.json" % time.strftime("%Y%m%d-%H%M%S"))
     with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+        json.dump(data, f, indent=1, allow_nan=False)  # strict JSON; this parent does not import leakycuda
     print("wrote", path)
 
 

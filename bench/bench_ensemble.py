@@ -21,7 +21,6 @@ Usage: python bench/bench_ensemble.py [--device cpu|cuda] [--threads 1] [--round
                                 [--out FILE]
 """
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import machine_info, print_table, time_fn, write_json  # noqa: E402
+from leakycuda import _json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,8 +87,7 @@ def fig1_rows(device, seeds, rounds, quick, threads, variants=("batched", "seque
                 times[variant].append(wall)
                 cpu[variant].append(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)
                 print("fig1 %s round %d: %.1f s wall, %.1f s CPU" % (variant, r, wall, cpu[variant][-1]), flush=True)
-                with open(os.path.join(out, "fig1.json")) as f:
-                    outputs.setdefault(variant, json.load(f))
+                outputs.setdefault(variant, _json.load(os.path.join(out, "fig1.json")))
     name = "reproduce fig1%s --seeds %d" % (" --quick" if quick else "", seeds)
     rows = [{"row": name, "variant": v, "wall_s": statistics.median(times[v]), "walls_s": times[v],
              "cpu_s": statistics.median(cpu[v]), "cpus_s": cpu[v]} for v in variants]

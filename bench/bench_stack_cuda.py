@@ -11,7 +11,7 @@ import time
 import torch
 
 import leakycuda
-from leakycuda import reference
+from leakycuda import _json, reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import machine_info, time_fn  # noqa: E402
@@ -257,8 +257,7 @@ def main():
             rows.append({"name": name, "error": repr(e)[:1000]})
         print(json.dumps(rows[-1]), flush=True)
     result = {"environment": machine_info("cuda"), "results": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    _json.dump(result, args.out, indent=2)
     print()
     print("%-20s %10s %10s %12s %12s %12s" % ("config", "fused ms", "us/layer", "x eager", "x compile", "x graph"))
     for r in rows:

@@ -1,14 +1,13 @@
 """fit for a LeakyEnsemble: every member trained at once, per-member history, divergence, checkpoints, DDP."""
 import csv
 import dataclasses
-import json
 import os
 import time
 import warnings
 
 import torch
 
-from . import _graph
+from . import _graph, _json
 from . import _validate as check
 from .steps import StepOvershootWarning, rho_Lt_violations
 from .train import (FitResult, _all_reduce_sum, _check_model, _check_settings, _check_task, _dist_info, _divergence,
@@ -76,8 +75,7 @@ def save_ensemble_history(history, path):
     record and member (step, phase, member, loss, train_mse, reg, test_mse, diverged, rho_1..rho_L)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(history, f, indent=1)
+    _json.dump(history, path, indent=1)
     if not history:
         return
     L = max(len(r) for r in history[0]["rho"])

@@ -104,6 +104,29 @@ def device(value, name="device"):
     return dev
 
 
+def _real_leaves(value):
+    """True when value is a real number (not a bool) or a (nested) list / tuple of them."""
+    if isinstance(value, (list, tuple)):
+        return all(_real_leaves(v) for v in value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def reals(value, name, expect, *, like):
+    """A tensor (returned as it is; the op checks its shape, dtype and device), or real numbers (one, a (nested)
+    list / tuple of them, or a real NumPy array) made a tensor of ``like``'s dtype on its device. ``expect``
+    says what the argument is, e.g. "a tensor [L] or a list of L numbers (the layer steps)"."""
+    if isinstance(value, torch.Tensor):
+        return value
+    given = repr(value) if len(repr(value)) <= 80 else repr(value)[:76] + " ..."
+    kind = getattr(getattr(value, "dtype", None), "kind", None)  # a NumPy array or scalar
+    if not (kind in ("i", "u", "f") or (kind is None and _real_leaves(value))):
+        fail(TypeError, name, expect, "%s of type %s" % (given, type(value).__name__))
+    try:
+        return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    except (TypeError, ValueError, RuntimeError) as e:  # a ragged list
+        fail(ValueError, name, "%s, of a regular shape" % expect, "%s (%s)" % (given, e))
+
+
 def tensor(value, name, hint):
     """A torch.Tensor; ``hint`` describes the expected shape, e.g. "[N, w]"."""
     if not isinstance(value, torch.Tensor):

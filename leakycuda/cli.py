@@ -172,7 +172,8 @@ def _prepare_reproduce(args, parser):
     out = os.path.join("leakycuda_out", args.figure) if args.out is None else args.out
     sweep = {"Lts": args.Lts} if args.figure == "fig1" else {"depths": args.depths, "schemes": args.schemes}
     _, out, seeds, device, dtype, _ = _checked(parser, experiments.check_run, cfg, out, seeds=args.seeds,
-                                               device=args.device, dtype=_dtype(args.dtype), **sweep)
+                                               device=args.device, dtype=_dtype(args.dtype), a=preset.get("a"),
+                                               **sweep)
     kw = dict(quick=args.quick, device=device, dtype=dtype, seeds=seeds, overrides=_overrides(args),
               progress=False if args.no_progress else None, sequential=args.sequential, **sweep)
     if args.pad_depths:
@@ -312,11 +313,11 @@ def info_dict():
 
 
 def _cmd_info(args, prepared):
-    import json
+    from . import _json
 
     d = info_dict()
     if args.json:
-        print(json.dumps(d, indent=1))
+        print(_json.dumps(d, indent=1))
         return 0
     b = d["build"]
     print("leakycuda %s  (python %s)" % (d["leakycuda"], d["python"]))
@@ -351,7 +352,8 @@ def build_parser():
     d.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     d.add_argument("--out", help="output folder (default ./leakycuda_out/demo)")
     d.add_argument("--seed", type=int, default=0, help="seed of the task and the init (>= 0)")
-    d.add_argument("--Lt", type=float, help="effective depth (> 0; default 6)")
+    d.add_argument("--Lt", type=float, help="effective depth (> 0 and <= 2 x depth, the stable range rho_l*Lt <= 2; "
+                                            "default 6)")
     d.add_argument("--depth", type=int, help="number of layers L (default 20)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_run_options(d, "width 64, 500 points, 5000 Adam + 1000 SGD steps, lam 1e-2")

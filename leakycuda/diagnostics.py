@@ -1,13 +1,13 @@
 """Diagnostics of a trained Leaky ResNet (docs/DESIGN.md §1): COI, energies in both forms, stationarity and
 convergence, balancedness, spectra (raw, centred, and the weights with the batch mean's direction split off)."""
 import dataclasses
-import json
 import math
 import warnings
 from typing import NamedTuple
 
 import torch
 
+from . import _json
 from . import _validate as check
 from . import reference as _ref
 # Imported by name: after `from .energies import energies` in __init__, the attribute leakycuda.energies
@@ -85,7 +85,7 @@ class Analysis:
 
     def to_json(self, path=None, indent=None):
         """The analysis as strict JSON (see :meth:`to_dict`); also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
+        text = _json.dumps(self.to_dict(), indent=indent)
         if path is not None:
             with open(path, "w") as f:
                 f.write(text)

@@ -1,7 +1,6 @@
 """The demo and the sweeps behind the paper's Figures 1 and 2: train, measure, write JSON and PNGs."""
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -9,6 +8,7 @@ import warnings
 
 import torch
 
+from . import _json
 from . import _validate as check
 from . import plots
 from ._ensemble_fit import MemberDivergedWarning
@@ -17,11 +17,12 @@ from .data import TEACHERS, bottleneck_task
 from .ensemble import LeakyEnsemble
 from .module import INITS, STEP_SCHEMES, LeakyResNet
 from .recipes import continue_run, refine, warm_start
-from .steps import StepOvershootWarning, check_irregularity
+from .steps import STABLE_RHO_LT, StepOvershootWarning, check_irregularity, step_sizes
 from .train import DIVERGE_FACTOR, DivergenceError, _divergence_error, fit
 
-__all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "plot_fig1",
-           "plot_demo", "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run", "train_runs"]
+__all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "check_stable", "layer_stats", "layer_table", "rank_summary",
+           "plot_fig1", "plot_demo", "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run",
+           "train_runs"]
 
 
 @dataclasses.dataclass
@@ -88,6 +89,7 @@ class RunConfig:
         check.integer(self.refine_steps, "refine_steps", low=0, what="L-BFGS refinement iterations")
         check.real(self.refine_target, "refine_target", low=0.0, strict=True,
                    what="the stationarity residual at which refinement stops")
+        check_stable(self.Lt, self.depth, self.steps, self.a)
         return self
 
     def resolved_init(self):
@@ -126,10 +128,34 @@ FIG2 = {
 }
 
 
-def check_run(cfg, out, *, seeds=(0,), device="cpu", dtype=torch.float32, **sweep):
+def check_stable(Lt, depth, steps="equidistant", a=0.0, *, name="Lt"):
+    """Refuses (ValueError naming ``name``: "Lt", or the sweep "each value of Lts" / "each value of depths") an
+    effective depth and initial layer steps outside the stable range max_l rho_l * Lt <= STABLE_RHO_LT = 2, where
+    the skip connection 1 - rho_l*Lt does not amplify X (leakycuda.steps.STABLE_RHO_LT). "adaptive" steps start
+    equidistant; how far their updates go is reported after training (FitResult.max_rho_Lt, the divergence hint).
+    """
+    irregular = steps == "irregular"
+    rho_max = float(step_sizes(depth, "irregular" if irregular else "equidistant", a if irregular else 0.0,
+                               dtype=torch.float64).max())
+    worst = rho_max * Lt
+    if worst <= STABLE_RHO_LT * (1 + 1e-12):
+        return
+    why = "max rho_l*Lt <= %g, where the skip connection 1 - rho_l*Lt does not amplify" % STABLE_RHO_LT
+    scheme = "%s steps%s" % (steps, " (equidistant at the start)" if steps == "adaptive" else "")
+    if name.endswith("depths"):
+        check.fail(ValueError, name, "deep enough for the stable range at Lt = %g (%s; equidistant steps need "
+                   "L >= %d)" % (Lt, why, math.ceil(Lt / STABLE_RHO_LT - 1e-12)),
+                   "%d (max rho_l*Lt = %.3g with %s)" % (depth, worst, scheme))
+    check.fail(ValueError, name, "<= %.4g at depth %d with %s (the stable range: %s; more layers allow a larger "
+               "Lt)" % (STABLE_RHO_LT / rho_max, depth, scheme, why), "%g (max rho_l*Lt = %.3g)" % (Lt, worst))
+
+
+def check_run(cfg, out, *, seeds=(0,), device="cpu", dtype=torch.float32, a=None, **sweep):
     """Checks a run's settings before any training (ValueError / TypeError naming the setting) and returns
     them normalised: (cfg, out, seeds, device, dtype, sweep). ``seeds``: an int count or distinct seeds >= 0;
     ``sweep``: Lts (distinct, > 0), depths (distinct, >= 1), schemes (distinct step schemes); None keeps the preset.
+    Every Lt x depth x scheme of the sweep must lie in the stable range (:func:`check_stable`); ``a`` is the
+    irregular scheme's parameter in a schemes sweep (default ``cfg.a``).
     The command line reports the same errors against its flags.
     """
     if not isinstance(cfg, RunConfig):
@@ -149,6 +175,12 @@ def check_run(cfg, out, *, seeds=(0,), device="cpu", dtype=torch.float32, **swee
     for name, values in sweep.items():
         if values is not None:
             sweep[name] = check.distinct(values, name, items[name], sort=name != "schemes")
+    a = cfg.a if a is None else check_irregularity(a)
+    for Lt in sweep.get("Lts") or ():
+        check_stable(Lt, cfg.depth, cfg.steps, cfg.a, name="each value of Lts")
+    for L in sweep.get("depths") or ():
+        for scheme in sweep.get("schemes") or (cfg.steps,):
+            check_stable(cfg.Lt, L, scheme, a if scheme == "irregular" else 0.0, name="each value of depths")
     return cfg, out, seeds, device, dtype, sweep
 
 
@@ -434,14 +466,19 @@ def _convergence(model, task, lam):
     """The run's :class:`leakycuda.diagnostics.Convergence` on the training set, as a plain dict."""
     from .diagnostics import convergence
 
-    return convergence(model, task.x_train, task.y_train, lam).to_dict()
+    return _floats(convergence(model, task.x_train, task.y_train, lam))
+
+
+def _floats(report):
+    """A diagnostics dataclass as a dict of floats and lists of floats (non-finite ones kept as floats: the result
+    files write them as null, leakycuda._json's convention, rather than as to_dict's "inf" / "nan" strings)."""
+    return {f.name: (v.tolist() if isinstance(v, torch.Tensor) else v)
+            for f in dataclasses.fields(report) for v in [getattr(report, f.name)]}
 
 
 def _dump(obj, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-    return path
+    return _json.dump(obj, path, indent=1)
 
 
 def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progress=None, log=print):
@@ -481,7 +518,7 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
     _dump({"config": dataclasses.asdict(cfg), "seed": seed, "task": task.describe(), "machine": machine_info(device),
            "train_seconds": t_train, "final": fin, "summary": summary, "layers": stats,
            "convergence": _convergence(model, task, cfg.lam), "refine": extra["refine"],
-           "diagnostics": json.loads(report.to_json()), "files": _names(files)}, files["json"])
+           "diagnostics": _floats(report), "files": _names(files)}, files["json"])
     log("")
     log("wrote %s" % ", ".join(files[k] for k in ("spectra", "energies", "history_plot", "history", "history_csv",
                                                    "json")))
@@ -558,7 +595,8 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
     preset = FIG2["quick" if quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **(overrides or {}))
     cfg, out, seeds, device, dtype, sweep = check_run(
-        cfg, out, seeds=seeds, device=device, dtype=dtype, depths=preset["depths"] if depths is None else depths,
+        cfg, out, seeds=seeds, device=device, dtype=dtype, a=preset["a"],
+        depths=preset["depths"] if depths is None else depths,
         schemes=preset["schemes"] if schemes is None else schemes)
     depths, schemes = sweep["depths"], sweep["schemes"]
     t0 = time.perf_counter()
@@ -643,14 +681,13 @@ def plot_demo(data, history, out):
 def replot(json_path, out=None):
     """Redraws the PNGs of a run from its fig1.json, fig2.json or demo.json (with the history.json beside it)
     into ``out`` (default: beside the JSON)."""
-    with open(json_path) as f:
-        data = json.load(f)
+    data = _json.load(json_path)
     here = os.path.dirname(os.path.abspath(json_path))
     out = out or here
     if not isinstance(data, dict) or not ("layers" in data or data.get("figure") in ("fig1", "fig2")):
         check.fail(ValueError, "json_path", "a fig1.json, fig2.json or demo.json written by leakycuda",
                    "%s, which is none of them" % json_path)
     if "figure" not in data:
-        with open(os.path.join(here, data.get("files", {}).get("history", "history.json"))) as f:
-            return plot_demo(data, json.load(f), out)
+        history = _json.load(os.path.join(here, data.get("files", {}).get("history", "history.json")))
+        return plot_demo(data, history, out)
     return (plot_fig1 if data["figure"] == "fig1" else plot_fig2)(data, out)

@@ -4,13 +4,8 @@ import numbers
 
 import torch
 
+from . import _validate as check
 from ._ops import ops
-
-
-def _as_rho(rho, like):
-    if isinstance(rho, torch.Tensor):
-        return rho
-    return torch.as_tensor(rho, dtype=like.dtype, device=like.device)
 
 
 def _as_Lt(Lt):
@@ -95,7 +90,8 @@ def leaky_stack(x0, W, rho, Lt, *, return_all=False, checkpoint=None, activation
     _check_tensor(x0, "x0", "[N, w]")
     _check_tensor(W, "W", "[L, w, w+1]")
     check_activation(activation)
-    rho = _as_rho(rho, x0)
+    rho = check.reals(rho, "rho", "a tensor [L] ([B, L] for B models) or a list of numbers (the layer steps)",
+                      like=x0)
     models = W.dim() == 4
     k = checkpoint_interval(W.shape[-3] if W.dim() >= 3 else 0, checkpoint)
     if models:
@@ -124,7 +120,7 @@ def leaky_layer(x, W_l, rho_l, Lt, *, activation="relu"):
     _check_tensor(x, "x", "[N, w]")
     _check_tensor(W_l, "W_l", "[w, w+1]")
     check_activation(activation)
-    rho_l = _as_rho(rho_l, x)
+    rho_l = check.reals(rho_l, "rho_l", "a number or a 0-d tensor (the layer step)", like=x)
     shape = x.shape
     flat = x.dim() != 2 and x.dim() > 0
     if flat:

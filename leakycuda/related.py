@@ -1,7 +1,6 @@
 """The related papers in the same kernels: deep linear networks (rank bias of L2, saddle-to-saddle dynamics) and the
 bottleneck of deep fully-connected ReLU nets, each the rho_l * Lt = 1 limit of the leaky stack; JSON and PNGs."""
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -10,7 +9,7 @@ import time
 import torch
 from torch import nn
 
-from . import plots
+from . import _json, plots
 from ._env import machine_info
 from .data import bottleneck_task
 from . import _validate as check
@@ -261,8 +260,7 @@ def _finish(name, data, out, plot, t0, log):
     files = plot(data, out)
     files["json"] = os.path.join(out, name.replace("-", "_") + ".json")
     data["files"] = _names(files)
-    with open(files["json"], "w") as f:
-        json.dump(data, f, separators=(",", ":"))
+    _json.dump(data, files["json"], separators=(",", ":"))
     log("%s: wrote %s (%.1f s)" % (name, ", ".join(files.values()), data["seconds"]))
     return dict(data, files=files)
 
@@ -796,7 +794,6 @@ EXPERIMENTS = {
 def replot(json_path, out=None):
     """Redraws the PNGs of a run from its JSON (dln_rank.json, dln_saddle.json or fcnn_bottleneck.json) into
     ``out`` (default: beside the JSON); returns {name: path}."""
-    with open(json_path) as f:
-        data = json.load(f)
+    data = _json.load(json_path)
     out = out or os.path.dirname(os.path.abspath(json_path))
     return _PLOTS[data["experiment"]](data, out)

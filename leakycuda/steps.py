@@ -21,6 +21,10 @@ __all__ = [
 #: equidistant steps and is then updated from the representations by :func:`adaptive_step_sizes`.
 SCHEMES = ("equidistant", "irregular")
 
+#: The stable range of a layer step: rho_l * Lt <= STABLE_RHO_LT. The layer is an explicit Euler step of
+#: dX/dp = -Lt X + ... (docs/DESIGN.md §1.2), whose leak 1 - rho_l*Lt keeps |1 - rho_l*Lt| <= 1 there; above it
+#: the skip connection amplifies X by |1 - rho_l*Lt| > 1 at every such layer, and training runs overflow.
+STABLE_RHO_LT = 2.0
 
 
 class StepOvershootWarning(UserWarning):

@@ -1,7 +1,6 @@
 """Full-batch training of a LeakyResNet: Adam then SGD, adaptive steps, history, checkpoints, DDP."""
 import csv
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -10,8 +9,9 @@ import warnings
 
 import torch
 
+from . import _json
 from . import _validate as check
-from .steps import StepOvershootWarning, rho_Lt_violations
+from .steps import STABLE_RHO_LT, StepOvershootWarning, rho_Lt_violations
 
 __all__ = ["DivergenceError", "FitResult", "fit", "load_checkpoint", "mse", "save_history"]
 
@@ -72,12 +72,12 @@ class FitResult:
 
 
 def save_history(history, path):
-    """History records -> ``path`` (JSON: a list of records) and ``path`` with suffix .csv (rho_1..rho_L columns)."""
+    """History records -> ``path`` (strict JSON, a list of records; a NaN or inf number is null, docs/DESIGN.md §3.4)
+    and ``path`` with suffix .csv (rho_1..rho_L columns)."""
     path = os.fspath(path)
     root, _ = os.path.splitext(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(history, f, indent=1)
+    _json.dump(history, path, indent=1)
     if not history:
         return
     L = len(history[0].get("rho", []))
@@ -158,14 +158,25 @@ def _divergence(loss, loss0, zero_mse, factor):
 
 def _divergence_error(rec, loss0, zero_mse, factor, lrs, history_path, result, who=""):
     """The :class:`DivergenceError` of a diverged record ``rec`` (one model's step, phase and loss) under
-    :func:`_divergence`'s rule; ``lrs`` = (adam_lr, sgd_lr) for the hint, ``who`` names the model when several train."""
+    :func:`_divergence`'s rule; ``lrs`` = (adam_lr, sgd_lr) for the hint, ``who`` names the model when several train.
+    The hint names the cause: steps outside the stable range (``result.max_rho_Lt`` > STABLE_RHO_LT, where the skip
+    connection amplifies X whatever the learning rate), else the learning rate of the phase (after step 0) or the
+    initial weights."""
     loss = rec["loss"]
     _, threshold, scale = _divergence(loss, loss0, zero_mse, factor)
     lr_name, lr = ("adam_lr", lrs[0]) if rec["phase"] == "adam" else ("sgd_lr", lrs[1])
     why = ("the loss became %s" % loss if not math.isfinite(loss) else
            "the loss %.4g exceeds diverge_factor %g x the starting scale %.4g" % (loss, factor, scale))
     where = "at the start (step 0)" if rec["step"] == 0 else "by step %d (%s phase)" % (rec["step"], rec["phase"])
-    hint = ("lower %s (now %g)" % (lr_name, lr)) if rec["step"] > 0 else "check the model's initial weights"
+    reached = getattr(result, "max_rho_Lt", math.nan)
+    reached = max([r for r in reached if math.isfinite(r)] or [math.nan]) if isinstance(reached, list) else reached
+    if reached > STABLE_RHO_LT:
+        hint = ("the steps reached max rho_l*Lt = %.3g, outside the stable range rho_l*Lt <= %g (the skip connection "
+                "1 - rho_l*Lt amplifies X there): lower Lt or use more layers" % (reached, STABLE_RHO_LT))
+    elif rec["step"] > 0:
+        hint = "lower %s (now %g)" % (lr_name, lr)
+    else:
+        hint = "check the model's initial weights"
     return DivergenceError("training diverged%s: %s %s; %s%s" % (who, why, where, hint, "; history in %s"
                                                                % history_path if history_path else ""),
                            step=rec["step"], phase=rec["phase"], loss=loss, threshold=threshold, result=result)

@@ -121,6 +121,12 @@ OPS = [  # the fused ops: their checks and messages belong to the `stack` helper
     bad("stack-rho-nan", "lc.leaky_stack(x0, W, rho * float('nan'), 1.0)", "ValueError", "rho"),
     bad("stack-Lt-nan", "lc.leaky_stack(x0, W, rho, float('nan'))", "ValueError", "Lt"),
     bad("stack-Lt-string", "lc.leaky_stack(x0, W, rho, '1')", "TypeError", "Lt"),
+    bad("stack-rho-string", "lc.leaky_stack(x0, W, 'abc', 1.0)", "TypeError", "rho", "'abc'"),
+    bad("stack-rho-list-with-a-word", "lc.leaky_stack(x0, W, [0.3, 0.3, 'x'], 1.0)", "TypeError", "rho", "'x'"),
+    bad("stack-rho-ragged-list", "lc.leaky_stack(x0, W, [[0.3], [0.3, 0.3]], 1.0)", "ValueError", "rho", "regular"),
+    ok("stack-rho-list-of-numbers", "assert torch.equal(lc.leaky_stack(x0, W, rho.tolist(), 1.0),\n"
+       "                   lc.leaky_stack(x0, W, rho, 1.0))"),
+    bad("layer-rho-string", "lc.leaky_layer(x0, W[0], 'abc', 1.0)", "TypeError", "rho_l", "'abc'"),
     bad("stack-x0-list", "lc.leaky_stack([[1.0]], W, rho, 1.0)", "TypeError", "x0"),
     bad("stack-checkpoint-0", "lc.leaky_stack(x0, W, rho, 1.0, checkpoint=0)", "ValueError", "checkpoint"),
     bad("stack-checkpoint-word", "lc.leaky_stack(x0, W, rho, 1.0, checkpoint='log')", "ValueError", "checkpoint"),
@@ -408,6 +414,10 @@ EXPERIMENTS = [
     bad("runconfig-lam-negative", "experiments.RunConfig(lam=-5.0).check()", "ValueError", "lam"),
     bad("runconfig-gamma0-negative", "experiments.RunConfig(gamma0=-1.0).check()", "ValueError", "gamma0"),
     bad("runconfig-Lt-0", "experiments.RunConfig(Lt=0.0).check()", "ValueError", "Lt"),
+    bad("runconfig-Lt-unstable", "experiments.RunConfig(Lt=1e6).check()", "ValueError", "Lt", "<= 40",
+        "stable range", "5e+04"),
+    bad("run-fig1-Lt-unstable", "experiments.run_fig1(tmp, Lts=[2.0, 50.0])", "ValueError", "Lts", "<= 40"),
+    bad("run-fig2-depth-unstable", "experiments.run_fig2(tmp, depths=[1, 4])", "ValueError", "depths", "L >= 2"),
     bad("runconfig-width-string", "experiments.RunConfig(width='64').check()", "TypeError", "width"),
     bad("runconfig-inner-wider-than-d", "experiments.RunConfig(inner=(40,)).check()", "ValueError", "inner"),
     bad("replot-not-a-result", "import json, os\np = os.path.join(tmp, 'x.json'); json.dump({'a': 1}, open(p, 'w'))\n"
@@ -453,6 +463,8 @@ CLI = [
     cli("demo-Lt-0", "demo --Lt 0", "--Lt", "> 0"),
     cli("demo-Lt-negative", "demo --Lt -3", "--Lt"),
     cli("demo-Lt-nan", "demo --Lt nan", "--Lt", "nan"),
+    cli("demo-Lt-unstable", "demo --Lt 1e6", "--Lt", "<= 40", "stable range", "5e+04"),
+    cli("demo-depth-too-shallow-for-Lt", "demo --depth 2", "--Lt", "<= 4", "depth 2"),
     cli("demo-seed-negative", "demo --seed -1", "--seed", ">= 0"),
     cli("demo-init", "demo --init orthogonal", "--init", "'orthogonal'"),
     cli("demo-dtype-float16", "demo --dtype float16", "--dtype", "float16"),
@@ -471,10 +483,12 @@ CLI = [
     cli("fig1-Lts-negative", "reproduce fig1 --Lts -1,2", "--Lts", "-1"),
     cli("fig1-Lts-duplicate", "reproduce fig1 --Lts 2,2", "--Lts", "distinct"),
     cli("fig1-Lts-inf", "reproduce fig1 --Lts 2,inf", "--Lts", "inf"),
+    cli("fig1-Lts-unstable", "reproduce fig1 --Lts 2,50", "--Lts", "<= 40", "stable range"),
     cli("fig1-depths-is-fig2", "reproduce fig1 --depths 4", "--depths", "fig2"),
     cli("fig1-schemes-is-fig2", "reproduce fig1 --schemes equidistant", "--schemes", "fig2"),
     cli("fig2-Lts-is-fig1", "reproduce fig2 --Lts 3", "--Lts", "fig1"),
     cli("fig2-depths-0", "reproduce fig2 --depths 0,4", "--depths", ">= 1"),
+    cli("fig2-depths-unstable", "reproduce fig2 --depths 1,4", "--depths", "stable range", "L >= 2"),
     cli("fig2-depths-word", "reproduce fig2 --depths 4,x", "--depths", "'x'"),
     cli("fig2-depths-empty", "reproduce fig2 --depths ,", "--depths"),
     cli("fig2-schemes-unknown", "reproduce fig2 --schemes log", "--schemes", "'log'"),
@@ -576,9 +590,13 @@ def test_source_checkout_without_extension_says_so(tmp_path):
         if name.endswith(".py") and name != "_build_info.py":
             shutil.copy(os.path.join(ROOT, "leakycuda", name), pkg / name)
     (tmp_path / "setup.py").write_text("# stand-in for the checkout's setup.py\n")
-    # -S and an explicit site-packages: no .pth file (an editable install's finder) may supply the extension.
-    code = ("import sys, site; sys.path[:0] = [%r]; sys.path += site.getsitepackages()\nimport leakycuda"
-            % str(tmp_path))
+    # -S and an explicit site-packages: no .pth file (an editable install's finder) may supply the extension. The
+    # folders are this interpreter's own, with site applied (under -S, site.getsitepackages() would give the base
+    # installation's rather than a virtual environment's, and torch would be missing).
+    import site
+
+    dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    code = "import sys; sys.path[:0] = [%r]; sys.path += %r\nimport leakycuda" % (str(tmp_path), dirs)
     r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                        env=dict(os.environ, PYTHONPATH=""))
     assert r.returncode != 0

@@ -1,6 +1,7 @@
 """Tests of the `leakycuda` command line in tiny settings: demo, reproduce fig1|fig2 --quick, the related
 experiments' dispatch, info."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,9 +9,29 @@ import sys
 import pytest
 import torch
 
-from leakycuda import cli
+from leakycuda import _json, cli
 
 TINY = ["--steps", "12", "--sgd-steps", "3", "--width", "8", "--n-train", "40", "--n-test", "20", "--no-progress"]
+
+
+def _refuse(token):
+    raise ValueError("not strict JSON: %s" % token)
+
+
+def flat(value, path=()):
+    """A JSON value as a list of (path, number) leaves in order: dicts by key, lists by index."""
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in flat(v, path + (k,))]
+    if isinstance(value, list):
+        return [leaf for i, v in enumerate(value) for leaf in flat(v, path + (i,))]
+    return [(path, value)]
+
+
+def assert_same_numbers(got, ref, rel):
+    """got has ref's structure (the same keys and lengths everywhere) and its numbers within rel of ref's."""
+    got, ref = flat(got), flat(ref)
+    assert [p for p, _ in got] == [p for p, _ in ref]
+    assert [v for _, v in got] == pytest.approx([v for _, v in ref], rel=rel)
 
 
 def test_demo_writes_its_files(tmp_path, capsys):
@@ -72,7 +93,7 @@ def test_reproduce_fig2_pad_depths(tmp_path, capsys):
                         + extra + TINY) == 0
     got, ref = (json.loads((tmp_path / n / "fig2.json").read_text()) for n in ("padded", "per-depth"))
     assert [(r["scheme"], r["L"]) for r in got["runs"]] == [(r["scheme"], r["L"]) for r in ref["runs"]]
-    assert got["test_mse"] == pytest.approx(ref["test_mse"], rel=1e-4)
+    assert_same_numbers(got["test_mse"], ref["test_mse"], rel=1e-4)
     for bad in (["fig1", "--pad-depths"], ["fig2", "--pad-depths", "--sequential"]):
         with pytest.raises(SystemExit) as e:
             cli.main(["reproduce"] + bad + ["--quick", "--out", str(tmp_path / "x")])
@@ -82,20 +103,28 @@ def test_reproduce_fig2_pad_depths(tmp_path, capsys):
 
 def test_fig2_launches_at_different_depths_merge_into_the_one_launch(tmp_path):
     """docs/results/merge_fig2.py: fig2 run at L = 4 and at L = 6 separately, merged, gives the runs and the
-    test_mse table of one launch at L = 4, 6 (each depth trains as its own ensemble, so the numbers agree)."""
+    test_mse table of one launch at L = 4, 6 (each depth trains as its own ensemble, so the numbers agree).
+    One input is rewritten the way files were before strict JSON (continue_above: Infinity); the output is strict."""
     for name, depths in (("a", "4"), ("b", "6"), ("both", "4,6")):
         assert cli.main(["reproduce", "fig2", "--quick", "--out", str(tmp_path / name), "--depths", depths,
                          "--seeds", "2"] + TINY) == 0
+    old = _json.load(tmp_path / "a" / "fig2.json")
+    assert old["config"]["continue_above"] == math.inf
+    (tmp_path / "a" / "fig2.json").write_text(json.dumps(old, indent=1))
+    assert '"continue_above": Infinity' in (tmp_path / "a" / "fig2.json").read_text()
     script = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "merge_fig2.py")
     r = subprocess.run([sys.executable, script, str(tmp_path / "m"), str(tmp_path / "b" / "fig2.json"),
                         str(tmp_path / "a" / "fig2.json")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    got, ref = (json.loads((tmp_path / n / "fig2.json").read_text()) for n in ("m", "both"))
+    text = (tmp_path / "m" / "fig2.json").read_text()
+    assert json.loads(text, parse_constant=_refuse)["config"]["continue_above"] is None
+    got, ref = (_json.load(tmp_path / n / "fig2.json") for n in ("m", "both"))
+    assert got["config"] == ref["config"] and got["config"]["continue_above"] == math.inf
     assert got["depths"] == [4, 6] and [p["depths"] for p in got["parts"]] == [[6], [4]]
     key = lambda run: (run["scheme"], run["L"], run["seed"])
     assert [key(run) for run in got["runs"]] == [key(run) for run in ref["runs"]]
-    assert [run["final"] for run in got["runs"]] == pytest.approx([run["final"] for run in ref["runs"]], rel=1e-6)
-    assert got["test_mse"] == pytest.approx(ref["test_mse"], rel=1e-6)
+    assert_same_numbers([run["final"] for run in got["runs"]], [run["final"] for run in ref["runs"]], rel=1e-6)
+    assert_same_numbers(got["test_mse"], ref["test_mse"], rel=1e-6)
     assert (tmp_path / "m" / "fig2a.png").stat().st_size > 0
     r = subprocess.run([sys.executable, script, str(tmp_path / "m2"), str(tmp_path / "a" / "fig2.json"),
                         str(tmp_path / "both" / "fig2.json")], capture_output=True, text=True)

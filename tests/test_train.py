@@ -6,7 +6,8 @@ import torch
 
 from leakycuda.data import bottleneck_task
 from leakycuda.module import LeakyResNet
-from leakycuda.train import fit, load_checkpoint
+from leakycuda.steps import StepOvershootWarning
+from leakycuda.train import DivergenceError, FitResult, _divergence_error, fit, load_checkpoint
 
 F64 = torch.float64
 
@@ -86,3 +87,26 @@ def test_resume_with_other_settings_warns(tmp_path):
     fit(model, task, 1e-2, adam_steps=4, sgd_steps=0, log_every=2, checkpoint_path=ckpt)
     with pytest.warns(UserWarning, match="lam"):
         fit(model, task, 1e-1, adam_steps=6, sgd_steps=0, log_every=2, checkpoint_path=ckpt, resume=True)
+
+
+def test_divergence_hint_names_the_cause():
+    """Steps outside the stable range (max rho_l * Lt > 2: the skip connection amplifies X) are blamed on Lt and
+    the depth, not on the learning rate; a run inside it that diverges is told to lower its phase's rate."""
+    _, task = _setup(dtype=torch.float32)
+    torch.manual_seed(0)
+    with pytest.warns(StepOvershootWarning):  # rho_l * Lt = 2.5e5: X grows ~2.5e5-fold a layer, the loss overflows
+        model = LeakyResNet(6, 6, 8, 4, 1e6)
+    with pytest.raises(DivergenceError) as e:
+        fit(model, task, 1e-2, adam_steps=5, sgd_steps=0)
+    msg = str(e.value)
+    assert "at the start" in msg and "max rho_l*Lt = 2.5e+05" in msg and "lower Lt or use more layers" in msg, msg
+    assert "_lr" not in msg and "initial weights" not in msg, msg
+    model, task = _setup()
+    with pytest.raises(DivergenceError) as e:
+        fit(model, task, 1e-2, adam_steps=50, adam_lr=10.0, sgd_steps=0, log_every=5)
+    assert "lower adam_lr (now 10)" in str(e.value) and "stable range" not in str(e.value), str(e.value)
+    rec = {"step": 30, "phase": "sgd", "loss": float("nan")}  # adaptive steps can leave the range during training
+    for reached, hint in ((5.0, "lower Lt or use more layers"), (1.5, "lower sgd_lr (now 0.002)"),
+                          ([0.5, 3.0], "max rho_l*Lt = 3,")):
+        result = FitResult(history=[], steps=30, wall_s=0.0, max_rho_Lt=reached)
+        assert hint in str(_divergence_error(rec, 1.0, 1.0, 1e4, (1e-3, 2e-3), None, result))

@@ -5,11 +5,13 @@
 The inputs must agree on everything but the depths (config, schemes, seeds, a) and must not share a
 depth; the runs are concatenated in the order run_fig2 writes them (scheme, then L, then seed), each
 input's machine, wall time and commit are kept under "parts", and "seconds" is their sum. Nothing is
-recomputed: every run is the JSON record its own launch wrote.
+recomputed: every run is the JSON record its own launch wrote. Inputs may be strict JSON or the older files with
+NaN / Infinity tokens; the output is strict JSON (leakycuda._json: non-finite numbers as null).
 """
-import json
 import os
 import sys
+
+from leakycuda import _json
 
 
 def merge(datas):
@@ -39,11 +41,7 @@ def main(argv):
     if len(argv) < 3:
         sys.exit("usage: python docs/results/merge_fig2.py OUT_DIR A/fig2.json B/fig2.json [...]")
     try:
-        datas = []
-        for path in argv[1:]:
-            with open(path) as f:
-                datas.append(json.load(f))
-        data = merge(datas)
+        data = merge([_json.load(path) for path in argv[1:]])
     except (OSError, ValueError) as e:
         sys.exit("merge_fig2.py: %s" % e)
     from leakycuda.experiments import _names, plot_fig2
@@ -53,8 +51,7 @@ def main(argv):
     files = plot_fig2(data, out)
     files["json"] = os.path.join(out, "fig2.json")
     data["files"] = _names(files)
-    with open(files["json"], "w") as f:
-        json.dump(data, f, indent=1)
+    _json.dump(data, files["json"], indent=1)
     print("wrote", ", ".join(files.values()))
 
 

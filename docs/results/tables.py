@@ -4,12 +4,14 @@
     python docs/results/tables.py docs/results/fig2/fig2.json
 
 Per-seed values are listed in seed order, separated by " / ". Nothing is recomputed: every number is read
-from the JSON (issue 11's targets are checked against the numbers as they are).
+from the JSON (the targets are checked against the numbers as they are). Strict JSON (non-finite numbers as null)
+and the older files with NaN / Infinity tokens both read (leakycuda._json).
 """
-import json
 import statistics
 import sys
 from collections import defaultdict
+
+from leakycuda import _json
 
 
 def _seeds(values, fmt="%.2f"):
@@ -69,8 +71,7 @@ def main(argv):
     if len(argv) != 1:
         sys.exit("usage: python docs/results/tables.py <fig1.json | fig2.json>")
     try:
-        with open(argv[0]) as f:
-            data = json.load(f)
+        data = _json.load(argv[0])
     except (OSError, ValueError) as e:
         sys.exit("tables.py: cannot read %s: %s" % (argv[0], e))
     table = {"fig1": fig1_table, "fig2": fig2_table}.get(data.get("figure"))
