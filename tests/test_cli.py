@@ -56,7 +56,7 @@ def test_reproduce_fig1_quick(tmp_path, capsys):
     for name in ("fig1a.png", "fig1b_Lt3.png", "fig1c_Lt3.png"):
         assert (out / name).stat().st_size > 0
     assert "results in" in capsys.readouterr().out
-    # The README's tables come from docs/results/tables.py: one row per Lt, its per-seed values from the JSON.
+    # The tables of docs/results.md come from docs/results/tables.py: one row per Lt, its per-seed values from the JSON.
     table = _tables(out / "fig1.json")
     rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 2 and "%.2f / %.2f" % tuple(r["summary"]["coi_min"] for r in d["runs"] if r["Lt"] == 1.0) \

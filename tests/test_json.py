@@ -91,7 +91,7 @@ def test_the_committed_files_are_found():
 
 @pytest.mark.slow
 def test_committed_results_redraw(tmp_path):
-    """The committed fig1, fig2, demo and related-experiment JSON files redraw with replot; the README's tables
+    """The committed fig1, fig2, demo and related-experiment JSON files redraw with replot; the tables of docs/results.md
     print from fig1.json and fig2.json (fig2.json holds continue_above: Infinity, from before strict JSON)."""
     results = os.path.join(ROOT, "docs", "results")
     assert "Infinity" in open(os.path.join(results, "fig2", "fig2.json")).read()

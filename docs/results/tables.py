@@ -1,4 +1,4 @@
-"""Markdown tables of a fig1.json or fig2.json written by `leakycuda reproduce fig1|fig2` (the README's tables).
+"""Markdown tables of a fig1.json or fig2.json written by `leakycuda reproduce fig1|fig2` (the tables of docs/results.md).
 
     python docs/results/tables.py docs/results/fig1/fig1.json
     python docs/results/tables.py docs/results/fig2/fig2.json
