@@ -105,9 +105,15 @@ def device(value, name="device"):
 
 
 def _real_leaves(value):
-    """True when value is a real number (not a bool) or a (nested) list / tuple of them."""
+    """True when value is a real number (not a bool; a one-element real tensor or a real NumPy array counts) or a
+    (nested) list / tuple of them."""
     if isinstance(value, (list, tuple)):
         return all(_real_leaves(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and (value.is_floating_point() or value.dtype in (torch.int32, torch.int64))
+    kind = getattr(getattr(value, "dtype", None), "kind", None)  # a NumPy array or scalar
+    if kind is not None:
+        return kind in ("i", "u", "f")
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -118,13 +124,12 @@ def reals(value, name, expect, *, like):
     if isinstance(value, torch.Tensor):
         return value
     given = repr(value) if len(repr(value)) <= 80 else repr(value)[:76] + " ..."
-    kind = getattr(getattr(value, "dtype", None), "kind", None)  # a NumPy array or scalar
-    if not (kind in ("i", "u", "f") or (kind is None and _real_leaves(value))):
+    if not _real_leaves(value):
         fail(TypeError, name, expect, "%s of type %s" % (given, type(value).__name__))
     try:
         return torch.as_tensor(value, dtype=like.dtype, device=like.device)
     except (TypeError, ValueError, RuntimeError) as e:  # a ragged list
-        fail(ValueError, name, "%s, of a regular shape" % expect, "%s (%s)" % (given, e))
+        fail(ValueError, name, expect, "%s, which is not a regular array (%s)" % (given, e))
 
 
 def tensor(value, name, hint):

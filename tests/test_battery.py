@@ -124,8 +124,9 @@ OPS = [  # the fused ops: their checks and messages belong to the `stack` helper
     bad("stack-rho-string", "lc.leaky_stack(x0, W, 'abc', 1.0)", "TypeError", "rho", "'abc'"),
     bad("stack-rho-list-with-a-word", "lc.leaky_stack(x0, W, [0.3, 0.3, 'x'], 1.0)", "TypeError", "rho", "'x'"),
     bad("stack-rho-ragged-list", "lc.leaky_stack(x0, W, [[0.3], [0.3, 0.3]], 1.0)", "ValueError", "rho", "regular"),
-    ok("stack-rho-list-of-numbers", "assert torch.equal(lc.leaky_stack(x0, W, rho.tolist(), 1.0),\n"
-       "                   lc.leaky_stack(x0, W, rho, 1.0))"),
+    ok("stack-rho-list-of-numbers", "want = lc.leaky_stack(x0, W, rho, 1.0)\n"
+       "for r in (rho.tolist(), tuple(rho.tolist()), list(rho), rho.numpy()):\n"
+       "    assert torch.equal(lc.leaky_stack(x0, W, r, 1.0), want)"),
     bad("layer-rho-string", "lc.leaky_layer(x0, W[0], 'abc', 1.0)", "TypeError", "rho_l", "'abc'"),
     bad("stack-x0-list", "lc.leaky_stack([[1.0]], W, rho, 1.0)", "TypeError", "x0"),
     bad("stack-checkpoint-0", "lc.leaky_stack(x0, W, rho, 1.0, checkpoint=0)", "ValueError", "checkpoint"),
