@@ -6,8 +6,15 @@ import subprocess
 import torch
 
 
+#: Names the commit measured where git cannot tell (an installed copy, a source tree copied without .git).
+COMMIT_ENV = "LEAKYCUDA_COMMIT"
+
+
 def git_commit():
-    """The commit of the checkout this package runs from (with -dirty for uncommitted changes), or None."""
+    """$LEAKYCUDA_COMMIT when set, else the commit of the checkout this package runs from (with -dirty for
+    uncommitted changes), or None."""
+    if os.environ.get(COMMIT_ENV, "").strip():
+        return os.environ[COMMIT_ENV].strip()
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)

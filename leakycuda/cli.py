@@ -1,4 +1,5 @@
-"""The `leakycuda` command line: demo, reproduce fig1|fig2|dln-rank|dln-saddle|fcnn-bottleneck, bench and info.
+"""The `leakycuda` command line: demo, reproduce fig1|fig2|dln-rank|dln-saddle|fcnn-bottleneck, bench, info and
+selftest.
 
 Every flag is checked before any work runs; a bad value ends the command with one line,
 "leakycuda <command>: error: argument --flag: ...", and exit code 2. A run whose training diverges
@@ -329,7 +330,27 @@ def _cmd_info(args, prepared):
     width = max([len(n) for n in d["kernels"]] + [4])
     for name, keys in d["kernels"].items():
         print("  %-*s  %s" % (width, name, ", ".join(keys) or "(no backend kernel)"))
+    print("check every op against the float64 reference: leakycuda selftest%s"
+          % (" [--device cuda]" if d["cuda_kernels_compiled"] else " (--device cuda needs a CUDA build)"))
     return 0
+
+
+def _prepare_selftest(args, parser):
+    """selftest's checked settings, before anything runs: (device, JSON path or None)."""
+    from . import _validate
+
+    device = _checked(parser, _validate.device, args.device, "device")
+    if device.type == "meta":
+        parser.error("argument --device: must be 'cpu' or 'cuda[:i]' (the checks compute real numbers), got 'meta'")
+    path = None if args.json is None else _checked(parser, _validate.writable_path, args.json, "json", folder=False)
+    return device, path
+
+
+def _cmd_selftest(args, prepared):
+    from . import selftest
+
+    device, path = prepared
+    return selftest.run(device, quick=args.quick, json_path=path)
 
 
 BENCH_VARIANTS = ("fused", "eager", "compile")
@@ -344,7 +365,7 @@ def build_parser():
 
     p = _Parser(prog="leakycuda", description="Leaky ResNets: demo, paper figures, benchmarks, build info.")
     p.add_argument("--version", action="version", version="leakycuda %s" % __version__)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,reproduce,bench,info}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,reproduce,bench,info,selftest}")
 
     d = sub.add_parser("demo", help="train on the 30 -> 3 -> 30 task, print per-layer energies and the rank estimate, "
                                     "write PNGs and JSON (about a minute on a 2-core CPU)")
@@ -404,6 +425,13 @@ def build_parser():
     i = sub.add_parser("info", help="versions, build, devices, compiled kernels")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_info, prepare=lambda args, parser: None)
+
+    t = sub.add_parser("selftest", help="every op and path against the float64 reference on small shapes, one line "
+                                        "per check; exit code 0 when none fails (under a minute on a CPU)")
+    t.add_argument("--device", default="cpu", help=_device_help())
+    t.add_argument("--quick", action="store_true", help="fewer shapes and activations (a few seconds)")
+    t.add_argument("--json", help="also write every check's result to this JSON file")
+    t.set_defaults(func=_cmd_selftest, prepare=_prepare_selftest)
     return p
 
 

@@ -6,6 +6,7 @@ import torch
 import leakycuda as lc
 from leakycuda import reference as ref
 from leakycuda._ops import ops
+from leakycuda._tolerance import assert_close_to_reference  # float64 tight; else 4x the same-precision error
 
 def make_stack(N, w, L, *, Lt=3.0, dtype=torch.float64, device="cpu", seed=0, rho="random", scale=1.0):
     """Random x0 [N,w], W [L,w,w+1] with a He-like scale, and non-uniform steps summing to 1."""
@@ -33,18 +34,6 @@ def fused_and_grads(x0, W, rho, Lt, gout, return_all, checkpoint=None, activatio
     out = lc.leaky_stack(*leaves, Lt, return_all=return_all, checkpoint=checkpoint, activation=activation)
     grads = torch.autograd.grad(out, leaves, gout.to(out.dtype))
     return out.detach(), grads
-
-
-def assert_close_to_reference(got, want, same_precision_error=None, name=""):
-    """float64: tight; lower precision: within 4x the error the same-precision reference makes."""
-    got = got.double().cpu()
-    if same_precision_error is None:
-        scale = want.abs().max().item() + 1.0
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * scale, msg=name)
-    else:
-        err = (got - want).abs().max().item()
-        bound = 4 * same_precision_error + 1e-6 * (want.abs().max().item() + 1.0)
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
 
 
 def check_stack(N, w, L, Lt, dtype, device, return_all=False, checkpoint=None, rho="random", scale=1.0,
