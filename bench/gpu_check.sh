@@ -30,8 +30,10 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/leakycuda_gpu_check}
 BUDGET_S=${BUDGET_S:-540}
-PY=${PYTHON:-python}
-command -v "$PY" >/dev/null 2>&1 || PY=python3
+PY=
+for candidate in ${PYTHON:-} python3 python; do  # PYTHON, else the first that imports torch
+  if "$candidate" -c "import torch" >/dev/null 2>&1; then PY=$candidate; break; fi
+done
 
 fingerprint() {
   # sha256 over the sources that decide what runs (the same files here and in a copied tree without .git).
@@ -69,6 +71,9 @@ if [ -n "${STAGE_LIMITS:-}" ]; then
     CAP[$name]=$value
   done
 fi
+if [ -z "$PY" ]; then
+  echo "gpu_check.sh: no Python with torch found (tried ${PYTHON:-} python3 python; set PYTHON)" >&2; exit 2
+fi
 if ! mkdir -p "$OUT" 2>/dev/null || [ ! -w "$OUT" ]; then
   echo "gpu_check.sh: cannot write in OUT=$OUT" >&2; exit 2
 fi
@@ -91,7 +96,7 @@ REHEARSAL=0
 printf 'stage\tstatus\trc\tseconds\tlimit_s\tnote\n' > "$WORK/stages.tsv"
 {
   echo "commit=$COMMIT"; echo "fingerprint=$FINGERPRINT"; echo "device=$DEVICE"; echo "rehearsal=$REHEARSAL"
-  echo "budget_s=$BUDGET_S"; echo "stages=${selected[*]}"; echo "started=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "budget_s=$BUDGET_S"; echo "python=$(command -v "$PY")"; echo "stages=${selected[*]}"; echo "started=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } > "$WORK/meta.txt"
 export REPO DEVICE PY WORK RUN REHEARSAL
 
@@ -239,7 +244,7 @@ finish() {
   [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
 }
 trap finish EXIT
-echo "gpu_check: device $DEVICE, commit $COMMIT, fingerprint $FINGERPRINT, budget ${BUDGET_S}s, work $WORK"
+echo "gpu_check: device $DEVICE, commit $COMMIT, fingerprint $FINGERPRINT, budget ${BUDGET_S}s, $PY = $(command -v "$PY"), work $WORK"
 for st in "${selected[@]}"; do
   run_stage "$st"
 done

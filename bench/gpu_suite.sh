@@ -6,6 +6,8 @@
 #   bash bench/gpu_suite.sh build triage tests    the named stages only; a machine still warm from an earlier
 #                                                 call keeps its installed build, so later calls can skip build
 # Stages: build triage tests sanitize bench-stack bench-energies bench-ensemble
+# For one 10-minute device call, bench/gpu_check.sh runs the build, the selftest, the CUDA tests, the demo and the
+# benches' quick rows inside a 9-minute budget.
 set -u
 OUT=${OUT:-/tmp/leakycuda_gpu_out}
 mkdir -p "$OUT"
