@@ -136,6 +136,9 @@ def _prepare_related(args, parser):
     if given:
         parser.error("argument --%s: applies to 'reproduce fig1|fig2' only; '%s' runs its own preset (--quick for "
                      "the small one)" % (given[0].replace("_", "-"), args.figure))
+    if args.pad_depths:
+        parser.error("argument --pad-depths: applies to 'reproduce fig2' only, not to %s (it trains no ensemble)"
+                     % args.figure)
     out = os.path.join("leakycuda_out", args.figure) if args.out is None else args.out
     out = _checked(parser, _validate.writable_path, out, "out", folder=True)
     seeds = args.seeds

@@ -264,10 +264,10 @@ def centred_spectra(X):
     A representation with a large mean shows it as one extra large singular value of X (the mean's
     direction mixed with the others); the centred spectrum is the spread of the samples alone.
     """
-    if not isinstance(X, torch.Tensor) or X.dim() < 2:
-        raise ValueError("X must be a tensor [..., N, w], got %s"
-                         % (tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__))
-    X = X.detach().double()
+    check.tensor(X, "X", "[..., N, w]")
+    if X.dim() < 2:
+        check.fail(ValueError, "X", "a tensor [..., N, w]", "shape %s" % (list(X.shape),))
+    X = check.finite(X, "X", "singular values of NaN or inf are undefined").detach().double()
     mu = X.mean(-2, keepdim=True) if X.shape[-2] > 0 else torch.zeros_like(X[..., :1, :])
     total = X.square().sum((-2, -1))
     mean2 = X.shape[-2] * mu.square().sum((-2, -1))
@@ -290,6 +290,8 @@ def weight_mean_split(W, xs):
             and xs.shape[0] == W.shape[0] + 1 and W.shape[-1] == W.shape[-2] + 1 and xs.shape[-1] == W.shape[-2]):
         raise ValueError("weight_mean_split needs W [L, w, w+1] and xs [L+1, N, w], got %s and %s"
                          % (tuple(getattr(W, "shape", ())), tuple(getattr(xs, "shape", ()))))
+    check.finite(W, "W", "singular values of NaN or inf are undefined")
+    check.finite(xs, "xs", "singular values of NaN or inf are undefined")
     W = W.detach().double()
     s = _ref.sigma(xs[:-1].detach().double()).mean(-2)
     m = (W @ s[..., None])[..., 0]
@@ -322,11 +324,32 @@ def momentum_hamiltonian(xs, B, Lt, *, staggered=True):
     return Lt / 2 * BtS2 - Lt * BX, 2 * BX - BtS2
 
 
-def _param(model, name):
+_DIVERGED = "the diagnostics of a diverged model are meaningless"
+
+
+def _param(model, name, why=_DIVERGED):
     t = getattr(model, name, None)
     if not isinstance(t, torch.Tensor):
         check.fail(TypeError, "model", "a LeakyResNet-like model with a tensor .%s" % name, type(model).__name__)
-    return check.finite(t.detach(), "model.%s" % name, "the diagnostics of a diverged model are meaningless")
+    return check.finite(t.detach(), "model.%s" % name, why)
+
+
+def _check_model(model, why=_DIVERGED):
+    """One LeakyResNet-like model (see :func:`analyze`) with finite tensors of consistent shapes, checked before any
+    work; returns (W, rho, P_in, P_out, Lt). A LeakyEnsemble is refused: its members are LeakyResNets."""
+    from .ensemble import LeakyEnsemble
+
+    if isinstance(model, LeakyEnsemble):
+        check.fail(TypeError, "model", "one LeakyResNet (member b of a LeakyEnsemble is ensemble.member(b))",
+                   "a LeakyEnsemble of B = %d members" % model.models)
+    W, rho, P_in, P_out = (_param(model, n, why) for n in ("weight", "rho", "proj_in", "proj_out"))
+    if W.dim() != 3 or W.shape[-1] != W.shape[-2] + 1 or rho.shape != W.shape[:1] or P_in.dim() != 2 \
+            or P_in.shape[0] != W.shape[1] or P_out.dim() != 2 or P_out.shape[1] != W.shape[1]:
+        check.fail(ValueError, "model", "a LeakyResNet-like model with weight [L, w, w+1], rho [L], proj_in [w, d_in] "
+                   "and proj_out [d_out, w]", "weight %s, rho %s, proj_in %s, proj_out %s"
+                   % tuple(list(t.shape) for t in (W, rho, P_in, P_out)))
+    Lt = check.real(getattr(model, "effective_depth", None), "model.effective_depth", low=0.0)
+    return W, rho, P_in, P_out, Lt
 
 
 def _trainable(model, name):
@@ -350,9 +373,8 @@ def _forward_backward(model, x, y, lam, *, device="cpu", dtype=torch.float64):
     lam = check.real(lam, "lam", low=0.0, strict=True, what="B_l = -(1/lam) dC/dX_l")
     kw = dict(device=check.device(device), dtype=check.float_dtype(dtype))
     # Copies (never views of the model's tensors): the leaves below get requires_grad and the caller keeps W.
-    W, rho = _param(model, "weight").to(**kw).clone(), _param(model, "rho").to(**kw)
-    P_in, P_out = _param(model, "proj_in").to(**kw).clone(), _param(model, "proj_out").to(**kw).clone()
-    Lt = check.real(getattr(model, "effective_depth", None), "model.effective_depth", low=0.0)
+    W, rho, P_in, P_out, Lt = _check_model(model)
+    W, rho, P_in, P_out = W.to(**kw).clone(), rho.to(**kw), P_in.to(**kw).clone(), P_out.to(**kw).clone()
     x = check.finite(check.matrix(x, "x", None, P_in.shape[1], cols_name="d_in"), "x").detach().to(**kw)
     L, N = W.shape[0], x.shape[0]
     y = check.finite(check.matrix(y, "y", N, P_out.shape[0], cols_name="d_out"), "y").detach().to(**kw)

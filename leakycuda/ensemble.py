@@ -9,9 +9,9 @@ from torch import nn
 from . import _validate as check
 from . import steps as _steps
 from .functional import leaky_stack
-from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
-from .module import INITS, STEP_SCHEMES, LeakyResNet, SavedSettings, _effective_depth
+from .module import (INITS, STEP_SCHEMES, LeakyResNet, SavedSettings, _check_input, _check_lam,
+                     _effective_depth)
 
 __all__ = ["LeakyEnsemble"]
 
@@ -221,9 +221,12 @@ class LeakyEnsemble(SavedSettings, nn.Module):
         """L, the depth of the padded stack (the largest member depth)."""
         return self.weight.shape[1]
 
-    def _index(self, b):
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not -self.models <= b < self.models:
-            raise IndexError("member index must be an integer in [0, %d), got %r" % (self.models, b))
+    def _index(self, b, name="b"):
+        expect = "a member index, an integer in [-%d, %d)" % (self.models, self.models)
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+            check.fail(TypeError, name, expect, "%r of type %s" % (b, type(b).__name__))
+        if not -self.models <= b < self.models:
+            check.fail(IndexError, name, expect, repr(int(b)))
         return int(b) % self.models
 
     def member(self, b):
@@ -302,11 +305,9 @@ class LeakyEnsemble(SavedSettings, nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def _embed(self, x):
         B, d = self.models, self.in_features
-        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[-1] != d \
-                or (x.dim() == 3 and x.shape[0] != B):
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError("x must be [N, in_features] = [N, %d] (shared by every member) or [B, N, in_features] "
-                             "= [%d, N, %d] (one batch per member), got %s" % (d, B, d, got))
+        _check_input(x, self.proj_in, "[N, in_features] = [N, %d] (shared by every member) or [B, N, in_features] "
+                     "= [%d, N, %d] (one batch per member)" % (d, B, d),
+                     lambda x: x.dim() in (2, 3) and x.shape[-1] == d and (x.dim() == 2 or x.shape[0] == B))
         return x @ self.proj_in.transpose(-1, -2)
 
     def forward(self, x):
@@ -329,10 +330,14 @@ class LeakyEnsemble(SavedSettings, nn.Module):
         lam: one number, or a sequence of B (one per member). Padded layers add nothing (rho_l = 0).
         Sum it with the data costs for the training loss; rho is treated as a constant.
         """
-        lams = _as_list(lam) if _is_sequence(lam) else [lam] * self.models
-        if len(lams) != self.models:
-            raise ValueError("lam must be one number or B = %d numbers, got %d" % (self.models, len(lams)))
-        scale = [float(l) / 2.0 if Lt == 0.0 else float(l) / (2.0 * Lt) for l, Lt in zip(lams, self._Lts)]
+        if _is_sequence(lam):
+            lams = [_check_lam(v, "each value of lam") for v in _as_list(lam)]
+            if len(lams) != self.models:
+                check.fail(ValueError, "lam", "one number or B = %d numbers (one per member)" % self.models,
+                           "%d numbers" % len(lams))
+        else:
+            lams = [check.real(lam, "lam", low=0.0, what="the regularization strength")] * self.models
+        scale = [l / 2.0 if Lt == 0.0 else l / (2.0 * Lt) for l, Lt in zip(lams, self._Lts)]
         norms = self.weight.square().sum(dim=(2, 3))
         return (self.rho.detach() * norms).sum(dim=1) * self._const((self.weight.dtype, "reg", tuple(scale)), scale)
 
@@ -344,7 +349,7 @@ class LeakyEnsemble(SavedSettings, nn.Module):
         :meth:`LeakyResNet.adapt_steps` on its real layers; padded layers keep rho = 0. ``reduce``
         (data parallelism) is applied once to the statistics of all updated members, concatenated.
         """
-        chosen = range(self.models) if members is None else sorted({self._index(b) for b in members})
+        chosen = range(self.models) if members is None else sorted({self._index(b, "each value of members") for b in members})
         chosen = [b for b in chosen if self.steps[b] == "adaptive"]
         if members is None and not chosen:
             raise RuntimeError("adapt_steps needs at least one member built with steps='adaptive', this ensemble "
@@ -377,19 +382,29 @@ class LeakyEnsemble(SavedSettings, nn.Module):
 
     #: As LeakyResNet: a strict load refuses other saved Lt, schemes or a; strict=False adopts them.
     _MUST_MATCH = ("effective_depths", "steps", "a")
+    _STATE_KEYS = ("depths", "effective_depths", "steps", "a", "init")
+    _OTHER_KIND_HINT = "LeakyEnsemble.from_models([net, ...]) builds an ensemble from LeakyResNets"
 
-    def set_extra_state(self, state):
-        keys = ("depths", "effective_depths", "steps", "a", "init")
+    def _parse_extra_state(self, state):
+        """The per-member settings in a saved extra state, checked (ValueError); nothing is changed."""
         B = self.models
-        if not isinstance(state, dict) or any(not isinstance(state.get(k), list) or len(state[k]) != B for k in keys):
-            check.fail(ValueError, "the state dict's LeakyEnsemble extra state", "a dict with lists of B = %d %s "
-                       "(written by get_extra_state)" % (B, ", ".join(keys)), repr(state))
+        if not isinstance(state, dict) or any(not isinstance(state.get(k), list) for k in self._STATE_KEYS):
+            check.fail(ValueError, "the state dict's LeakyEnsemble extra state", "a dict with lists %s "
+                       "(written by get_extra_state)" % ", ".join(self._STATE_KEYS), repr(state))
         self._check_saved_depths(state)
-        self._check_saved_activation(state)
+        if any(len(state[k]) != B for k in self._STATE_KEYS):
+            check.fail(ValueError, "the state dict's LeakyEnsemble extra state", "a dict with lists of B = %d %s "
+                       "(written by get_extra_state)" % (B, ", ".join(self._STATE_KEYS)), repr(state))
         configs = [dict(self._member_config(b), effective_depth=state["effective_depths"][b],
                         steps=state["steps"][b], a=state["a"][b], init=state["init"][b]) for b in range(B)]
-        for b, cfg in enumerate(configs):  # validate before changing anything
+        for b, cfg in enumerate(configs):
             self._check_member_settings(b, cfg)
+        return configs
+
+    def set_extra_state(self, state):
+        self._parse_extra_state(state)
+        self._check_saved_activation(state)
+        B = self.models
         self._Lts = [float(v) for v in state["effective_depths"]]
         self.steps, self.a, self.init = tuple(state["steps"]), tuple(state["a"]), tuple(state["init"])
         self.seeds = tuple(state.get("seeds", [None] * B))
@@ -406,16 +421,11 @@ class LeakyEnsemble(SavedSettings, nn.Module):
             raise ValueError("member %d of the loaded state: %s" % (b, e)) from None
 
     def _check_saved_depths(self, state):
-        if not isinstance(state.get("depths"), list) or tuple(state["depths"]) != self.depths:
+        if tuple(state["depths"]) != self.depths:
             raise ValueError("the state dict was saved from a LeakyEnsemble with depths %s, this one has depths %s"
-                             % (state.get("depths"), list(self.depths)))
+                             % (state["depths"], list(self.depths)))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        saved = state_dict.get(prefix + _EXTRA_STATE_KEY_SUFFIX)
-        if isinstance(saved, dict):  # refuse before any tensor is copied in
-            self._check_saved_depths(saved)
-            self._check_saved_settings(saved)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _loaded(self):
         self._warn_overshoot("LeakyEnsemble.load_state_dict")
 
     def extra_repr(self):

@@ -1,6 +1,7 @@
 """The demo and the sweeps behind the paper's Figures 1 and 2: train, measure, write JSON and PNGs."""
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -678,16 +679,66 @@ def plot_demo(data, history, out):
     }
 
 
+# --- reading a result file back (replot) ---------------------------------------------------------------------------
+
+
+def _read_json(path, name, expect):
+    """The JSON in the file ``path`` (the argument ``name``), which should be ``expect``: a missing file, a folder or
+    text that is not JSON is refused naming the file (FileNotFoundError / ValueError)."""
+    if not os.path.exists(path):
+        check.fail(FileNotFoundError, name, expect, "%r, which does not exist" % path)
+    if os.path.isdir(path):
+        check.fail(ValueError, name, expect, "%r, which is a folder" % path)
+    try:
+        return _json.load(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        check.fail(ValueError, name, expect, "%r, which is not valid JSON (%s; truncated?)" % (path, e))
+
+
+@contextlib.contextmanager
+def _schema(path, name, expect, data=None, keys=()):
+    """Checks that the dict ``data`` read from ``path`` has the fields ``keys``, then runs the body (which reads
+    them), turning a KeyError / IndexError / TypeError there into a ValueError naming the file."""
+    if data is not None:
+        missing = [k for k in keys if k not in data]
+        if missing:
+            check.fail(ValueError, name, expect, "%r, which has no field %s" % (path, ", ".join(map(repr, missing))))
+    try:
+        yield
+    except (KeyError, IndexError, TypeError) as e:
+        check.fail(ValueError, name, expect, "%r, whose fields do not match (%s: %s)" % (path, type(e).__name__, e))
+
+
+def _replot_paths(json_path, out):
+    """replot's json_path and out, checked before anything is read or drawn: (json_path, out folder)."""
+    if isinstance(json_path, bytes) or not isinstance(json_path, (str, os.PathLike)):
+        check.fail(TypeError, "json_path", "a path (str or os.PathLike) to a result JSON", repr(json_path))
+    json_path = os.fspath(json_path)
+    out = os.path.dirname(os.path.abspath(json_path)) if out is None else out
+    return json_path, check.writable_path(out, "out", folder=True)
+
+
+#: The fields each result file needs for replot.
+_FIELDS = {"fig1": ("config", "Lts", "runs"), "fig2": ("config", "depths", "schemes", "runs", "test_mse"),
+           "demo": ("config", "layers", "task")}
+
+
 def replot(json_path, out=None):
     """Redraws the PNGs of a run from its fig1.json, fig2.json or demo.json (with the history.json beside it)
-    into ``out`` (default: beside the JSON)."""
-    data = _json.load(json_path)
+    into ``out`` (default: beside the JSON; a folder). A missing, truncated or non-JSON file, or one of
+    another schema, is refused naming it (FileNotFoundError / ValueError)."""
+    json_path, out = _replot_paths(json_path, out)
+    expect = "a fig1.json, fig2.json or demo.json written by leakycuda"
+    data = _read_json(json_path, "json_path", expect)
     here = os.path.dirname(os.path.abspath(json_path))
-    out = out or here
     if not isinstance(data, dict) or not ("layers" in data or data.get("figure") in ("fig1", "fig2")):
-        check.fail(ValueError, "json_path", "a fig1.json, fig2.json or demo.json written by leakycuda",
-                   "%s, which is none of them" % json_path)
-    if "figure" not in data:
-        history = _json.load(os.path.join(here, data.get("files", {}).get("history", "history.json")))
-        return plot_demo(data, history, out)
-    return (plot_fig1 if data["figure"] == "fig1" else plot_fig2)(data, out)
+        check.fail(ValueError, "json_path", expect, "%r, which is none of them" % json_path)
+    kind = data.get("figure", "demo")
+    with _schema(json_path, "json_path", expect, data, _FIELDS[kind]):
+        if kind == "demo":
+            files = data.get("files", {})
+            history = os.path.join(here, files.get("history", "history.json") if isinstance(files, dict)
+                                   else "history.json")
+            records = _read_json(history, "json_path", "a demo.json with the history.json it names beside it")
+            return plot_demo(data, records, out)
+        return (plot_fig1 if kind == "fig1" else plot_fig2)(data, out)

@@ -2,6 +2,7 @@
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -35,6 +36,32 @@ def _check_factory(device, dtype):
                    % (", ".join(str(d) for d in allowed), device.type), str(dtype))
 
 
+def _check_lam(lam, name="lam"):
+    """A regularization strength: a finite number >= 0 (a tensor passes as it is: it may be a traced value)."""
+    if isinstance(lam, torch.Tensor):
+        return lam
+    return check.real(lam, name, low=0.0, what="the regularization strength")
+
+
+def _check_input(x, weight, expect, fits):
+    """x for a model whose parameters are like ``weight``: a tensor for which ``fits(x)`` holds (else ValueError
+    "x must be <expect>"), of the model's dtype (which its device must run) and on its device."""
+    check.tensor(x, "x", expect)
+    if not fits(x):
+        check.fail(ValueError, "x", expect, "shape %s" % (list(x.shape),))
+    P = weight
+    if P.dtype not in _DTYPES.get(P.device.type, (P.dtype,)):
+        check.fail(TypeError, "the model's dtype", "one of %s on %s (convert it with model.to(...))"
+                   % (", ".join(map(str, _DTYPES[P.device.type])), P.device.type), str(P.dtype))
+    if x.dtype != P.dtype:
+        other = ", or the model with model.to(%s)" % x.dtype if x.dtype.is_floating_point else ""
+        check.fail(TypeError, "x", "of the model's dtype %s (cast it with x.to(%s)%s)" % (P.dtype, P.dtype, other),
+                   str(x.dtype))
+    if x.device != P.device:
+        check.fail(ValueError, "x", "on the model's device %s" % P.device, str(x.device))
+    return x
+
+
 def _effective_depth(value):
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
@@ -46,25 +73,64 @@ def _effective_depth(value):
     return value
 
 
+def _kinds(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _kinds(sub)
+
+
 class SavedSettings:
     """State-dict loading for modules whose extra state holds settings (a mixin before nn.Module).
 
-    The saved ``activation`` must equal the module's. The settings named in ``_MUST_MATCH`` must too
-    under strict loading (ValueError naming them); ``load_state_dict(..., strict=False)`` adopts them
-    with a warning. Both checks run before any tensor is copied in (call :meth:`_check_saved_settings`
-    first in ``_load_from_state_dict``).
+    Everything that would make a load fail is found before any tensor is copied in, so that a failed
+    load leaves the module as it was: the saved extra state must be this class's (``_STATE_KEYS``)
+    with valid values (:meth:`_parse_extra_state`) and the module's ``activation``; the settings
+    named in ``_MUST_MATCH`` must equal the module's under strict loading (ValueError naming them),
+    while ``load_state_dict(..., strict=False)`` adopts them with a warning; every tensor must have
+    the module's shape; and a strict load must hold exactly the module's keys.
     """
 
     #: Settings a loaded state dict must agree on (strict loading), or that it replaces (strict=False).
     _MUST_MATCH = ()
+    #: The keys of ``get_extra_state()`` that tell this class's state dicts from other modules'.
+    _STATE_KEYS = ()
+    #: What to do with the state dict of another SavedSettings class (said when one is loaded).
+    _OTHER_KIND_HINT = ""
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """As ``nn.Module.load_state_dict``; ``strict=False`` also adopts other saved settings (see the class)."""
+        if strict and isinstance(state_dict, Mapping):
+            self._check_keys(state_dict)
         self._adopt_settings = not strict
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         finally:
             del self._adopt_settings
+
+    def _check_keys(self, state_dict):
+        mine = list(self.state_dict(keep_vars=True))
+        missing = [k for k in mine if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in mine]
+        if missing or unexpected:
+            parts = (["missing key(s) %s" % ", ".join(map(repr, missing))] if missing else []) + \
+                    (["unexpected key(s) %s" % ", ".join(map(repr, unexpected))] if unexpected else [])
+            raise RuntimeError("Error(s) in loading state_dict for %s: %s (nothing was loaded; strict=False loads "
+                               "the keys it has)" % (type(self).__name__, "; ".join(parts)))
+
+    def _check_saved_kind(self, saved):
+        if isinstance(saved, dict) and all(k in saved for k in self._STATE_KEYS):
+            return
+        kind = type(self).__name__
+        other = next((c for c in _kinds(SavedSettings) if c is not type(self) and c._STATE_KEYS and isinstance(saved, dict)
+                      and all(k in saved for k in c._STATE_KEYS)), None)
+        if other is not None:
+            got = "the state dict of a %s (%s)%s" % (other.__name__, ", ".join(
+                "%s=%r" % (k, saved[k]) for k in other._STATE_KEYS), "; " + self._OTHER_KIND_HINT
+                if self._OTHER_KIND_HINT else "")
+        else:
+            got = "one whose extra state is %s" % (repr(saved) if len(repr(saved)) <= 200 else repr(saved)[:200] + "...")
+        check.fail(ValueError, "state_dict", "the state dict of a %s (its extra state has %s)"
+                   % (kind, ", ".join(self._STATE_KEYS)), got)
 
     def _check_saved_activation(self, saved):
         activation = saved.get("activation", "relu")  # state dicts from before the option are relu
@@ -74,20 +140,55 @@ class SavedSettings:
                              % (type(self).__name__, activation, self.activation, activation))
 
     def _check_saved_settings(self, saved):
+        """Every check of a saved extra state; returns the text of the settings strict=False adopts ("" if none)."""
         # torch passes strict=True to _load_from_state_dict whatever the caller asked; load_state_dict records it.
-        if not isinstance(saved, dict):
-            return
+        self._check_saved_kind(saved)
+        self._parse_extra_state(saved)
         self._check_saved_activation(saved)
         kind = type(self).__name__
         mine = self.get_extra_state()
         diff = [k for k in self._MUST_MATCH if k in saved and saved[k] != mine[k]]
-        if diff:
-            what = ", ".join("%s=%r (this model: %r)" % (k, saved[k], mine[k]) for k in diff)
-            if not getattr(self, "_adopt_settings", False):
-                check.fail(ValueError, "state_dict", "saved from a %s with this model's settings; build the model "
-                           "with the saved ones, or load with strict=False to adopt them" % kind,
-                           "one saved with %s" % what)
-            warnings.warn("%s.load_state_dict(strict=False): adopting the saved %s" % (kind, what), stacklevel=6)
+        if not diff:
+            return ""
+        what = ", ".join("%s=%r (this model: %r)" % (k, saved[k], mine[k]) for k in diff)
+        if not getattr(self, "_adopt_settings", False):
+            check.fail(ValueError, "state_dict", "saved from a %s with this model's settings; build the model "
+                       "with the saved ones, or load with strict=False to adopt them" % kind,
+                       "one saved with %s" % what)
+        return what
+
+    def _mismatched_tensors(self, state_dict, prefix):
+        """The load errors of this module's own tensors in ``state_dict`` (not a tensor, or another shape)."""
+        errors = []
+        own = list(self._parameters.items()) + [(k, v) for k, v in self._buffers.items()
+                                                 if k not in self._non_persistent_buffers_set]
+        for name, t in own:
+            key = prefix + name
+            if t is None or key not in state_dict:
+                continue
+            given = state_dict[key]
+            if not torch.overrides.is_tensor_like(given):
+                errors.append("%s: the state dict holds a %s, expected a tensor of shape %s"
+                              % (key, type(given).__name__, list(t.shape)))
+            elif given.shape != t.shape and not (t.dim() == 0 and tuple(given.shape) == (1,)):
+                errors.append("size mismatch for %s: the state dict's has shape %s, this model's %s"
+                              % (key, list(given.shape), list(t.shape)))
+        return errors
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + _EXTRA_STATE_KEY_SUFFIX
+        adopted = self._check_saved_settings(state_dict[key]) if key in state_dict else ""
+        mismatched = self._mismatched_tensors(state_dict, prefix)
+        if mismatched:  # torch raises them at the end; nothing of this module is copied in
+            error_msgs.extend(mismatched + ["(nothing was loaded into the %s)" % type(self).__name__])
+            return
+        if adopted:
+            warnings.warn("%s.load_state_dict(strict=False): adopting the saved %s" % (type(self).__name__, adopted),
+                          stacklevel=5)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._loaded()
 
 
 class LeakyResNet(SavedSettings, nn.Module):
@@ -234,19 +335,9 @@ class LeakyResNet(SavedSettings, nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def _embed(self, x):
-        check.tensor(x, "x", "[N, in_features] = [N, %d]" % self.in_features)
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            check.fail(ValueError, "x", "[N, in_features] = [N, %d]" % self.in_features, "shape %s" % (list(x.shape),))
-        P = self.proj_in
-        if P.dtype not in _DTYPES.get(P.device.type, (P.dtype,)):
-            check.fail(TypeError, "the model's dtype", "one of %s on %s (convert it with model.to(...))"
-                       % (", ".join(map(str, _DTYPES[P.device.type])), P.device.type), str(P.dtype))
-        if x.dtype != P.dtype:
-            check.fail(TypeError, "x", "of the model's dtype %s (cast it with x.to(%s), or the model with "
-                       "model.to(%s))" % (P.dtype, P.dtype, x.dtype), str(x.dtype))
-        if x.device != P.device:
-            check.fail(ValueError, "x", "on the model's device %s" % P.device, str(x.device))
-        return x @ P.transpose(0, 1)
+        d = self.in_features
+        _check_input(x, self.proj_in, "[N, in_features] = [N, %d]" % d, lambda x: x.dim() >= 1 and x.shape[-1] == d)
+        return x @ self.proj_in.transpose(0, 1)
 
     def forward(self, x):
         """x: [N, d_in] -> y: [N, d_out] = leaky_stack(x P_in^T, W, rho, Lt) P_out^T."""
@@ -264,8 +355,7 @@ class LeakyResNet(SavedSettings, nn.Module):
 
         Add it to the data cost: loss = C(y) + model.regularization(lam). rho is treated as a constant.
         """
-        if not isinstance(lam, torch.Tensor):
-            lam = check.real(lam, "lam", low=0.0, what="the regularization strength")
+        lam = _check_lam(lam)
         scale = lam / 2.0 if self._effective_depth == 0.0 else lam / (2.0 * self._effective_depth)
         norms = self.weight.square().sum(dim=(1, 2))
         return scale * (self.rho.detach() * norms).sum()
@@ -300,22 +390,27 @@ class LeakyResNet(SavedSettings, nn.Module):
                 "a": self.a, "init": self.init, "activation": self.activation}
 
     _MUST_MATCH = ("effective_depth", "steps", "a")
+    _STATE_KEYS = ("effective_depth", "steps")
+    _OTHER_KIND_HINT = "a LeakyEnsemble's member(b) is a LeakyResNet"
 
-    def set_extra_state(self, state):
+    def _parse_extra_state(self, state):
+        """The settings in a saved extra state, checked (ValueError / TypeError); nothing is changed."""
         if not isinstance(state, dict) or "effective_depth" not in state or "steps" not in state:
             check.fail(ValueError, "the state dict's LeakyResNet extra state", "a dict with 'effective_depth' and "
                        "'steps' (written by get_extra_state)", repr(state))
-        self._check_saved_activation(state)
-        self._effective_depth = _effective_depth(state["effective_depth"])
-        self.steps = _steps.check_scheme(state["steps"], STEP_SCHEMES, name="steps")
-        self.a = _steps.check_irregularity(state.get("a", 0.0))
-        self.init = _steps.check_scheme(state.get("init", self.init), INITS, name="init")
+        return {"effective_depth": _effective_depth(state["effective_depth"]),
+                "steps": _steps.check_scheme(state["steps"], STEP_SCHEMES, name="steps"),
+                "a": _steps.check_irregularity(state.get("a", 0.0)),
+                "init": _steps.check_scheme(state.get("init", self.init), INITS, name="init")}
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._check_saved_settings(state_dict.get(prefix + _EXTRA_STATE_KEY_SUFFIX))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        _steps.warn_if_overshoot(self.rho, self._effective_depth, where="LeakyResNet.load_state_dict",
-                                 stacklevel=5)
+    def set_extra_state(self, state):
+        values = self._parse_extra_state(state)
+        self._check_saved_activation(state)
+        self._effective_depth, self.steps, self.a, self.init = (values[k] for k in ("effective_depth", "steps", "a",
+                                                                                     "init"))
+
+    def _loaded(self):
+        _steps.warn_if_overshoot(self.rho, self._effective_depth, where="LeakyResNet.load_state_dict", stacklevel=6)
 
     def extra_repr(self):
         s = ("in_features={}, out_features={}, width={}, depth={}, effective_depth={:g}, steps={!r}"

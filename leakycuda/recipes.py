@@ -1,13 +1,14 @@
 """Training recipes beyond fit: full-batch L-BFGS refinement to stationarity, and continuation in Lt."""
 import copy
 import dataclasses
-import math
 import time
 
 import torch
 
+from . import _validate as check
 from . import reference as _ref
-from .diagnostics import convergence
+from .diagnostics import _check_model, convergence
+from .train import _check_task
 
 __all__ = ["RefineResult", "continue_run", "refine", "shift_effective_depth", "warm_start"]
 
@@ -29,14 +30,13 @@ def shift_effective_depth(model, x, Lt, *, gamma0=DEFAULT_SHIFT_GAMMA0):
     no bulk of large singular values (``gamma0=None``: the minimum-norm least-squares Z, exact where
     X_{l-1} lies in the range of S, but it copies every weak direction into W).
     Returns the relative change of the output on x, ``||f_new(x) - f_old(x)||_F / ||f_old(x)||_F``.
-    Any device and dtype (the solves run in float64).
+    Any device and dtype (the solves run in float64). ``model``: one LeakyResNet with finite tensors.
     """
-    if isinstance(Lt, bool) or not isinstance(Lt, (int, float)) or not (math.isfinite(Lt) and Lt >= 0):
-        raise ValueError("Lt must be a finite number >= 0, got %r" % (Lt,))
-    if gamma0 is not None and (isinstance(gamma0, bool) or not isinstance(gamma0, (int, float))
-                               or not (0 < gamma0 < math.inf)):
-        raise ValueError("gamma0 must be a finite number > 0, or None for the minimum-norm shift; got %r"
-                         % (gamma0,))
+    _check_net(model)
+    Lt = check.real(Lt, "Lt", low=0.0, what="the new effective depth")
+    if gamma0 is not None:
+        gamma0 = check.real(gamma0, "gamma0", low=0.0, strict=True, what="the relative ridge, or None for the "
+                            "minimum-norm shift")
     W = model.weight
     before = model(x)
     xs = model.representations(x).detach().double()[:-1]
@@ -51,6 +51,15 @@ def shift_effective_depth(model, x, Lt, *, gamma0=DEFAULT_SHIFT_GAMMA0):
     model.Lt = float(Lt)
     after = model(x)
     return float((after - before).norm() / before.norm().clamp_min(1e-300))
+
+
+def _check_net(model):
+    """One LeakyResNet with finite tensors (refused before any work: the recipes' solves fail on NaN)."""
+    from .module import LeakyResNet
+
+    _check_model(model, "a diverged model cannot be refined or shifted")
+    if not isinstance(model, LeakyResNet):
+        check.fail(TypeError, "model", "a LeakyResNet", type(model).__name__)
 
 
 @dataclasses.dataclass
@@ -83,25 +92,50 @@ def refine(model, task, lam, *, iterations=500, target=1e-2, check_every=50, par
 
     Stops after ``iterations`` iterations, or at the first check (every ``check_every`` iterations) where the
     relative stationarity residual (:func:`leakycuda.diagnostics.convergence`, maximum over layers) is at most
-    ``target``. ``params``: "weight" (the default: the projections stay fixed, so the problem has a minimiser
+    ``target`` (>= 0; 0 runs every iteration). ``params``: "weight" (the default: the projections stay fixed, so the problem has a minimiser
     even when they are learned, see DESIGN) or "all" (every trainable tensor).
     ``precondition``: L-BFGS runs on U with ``W_l = U_l A_l``, ``A_l = (S^T S/N + precondition lambda_max I)^{-1/2}``
     (S = sigma(X_{l-1}) at the start, fixed during the run): it whitens each layer's input, whose Gram is
     dominated by the batch mean (one eigenvalue ~30x the next), the stiffest part of the problem. None: plain
     L-BFGS on W. ``dtype``: the precision of the refinement (the model is cast for it and cast back).
     ``callback(record)`` after each check. Returns a :class:`RefineResult`.
+    Every argument is checked first (ValueError / TypeError naming it; the model must be one LeakyResNet with
+    finite tensors); if the refinement fails, the model is left as it was, dtype and values.
     """
-    if params not in ("weight", "all"):
-        raise ValueError("params must be 'weight' or 'all', got %r" % (params,))
-    for name, v in (("iterations", iterations), ("check_every", check_every), ("history_size", history_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "iterations" else 1):
-            raise ValueError("%s must be an integer >= %d, got %r" % (name, 0 if name == "iterations" else 1, v))
-    if precondition is not None and (isinstance(precondition, bool) or not isinstance(precondition, (int, float))
-                                     or not (0 < precondition < math.inf)):
-        raise ValueError("precondition must be a damping > 0 (relative to the largest eigenvalue) or None, got %r"
-                         % (precondition,))
+    _check_net(model)
+    _check_task(task, model.in_features, model.out_features)
+    lam = check.real(lam, "lam", low=0.0, strict=True, what="the regularization strength; the stationarity "
+                     "residual divides by it")
+    check.choice(params, "params", ("weight", "all"))
+    iterations = check.integer(iterations, "iterations", low=0)
+    check_every = check.integer(check_every, "check_every", low=1)
+    history_size = check.integer(history_size, "history_size", low=1)
+    target = check.real(target, "target", low=0.0, finite=False, what="the stationarity residual at which to stop; "
+                        "0: run every iteration")
+    if precondition is not None:
+        precondition = check.real(precondition, "precondition", low=0.0, strict=True,
+                                  what="a damping relative to the largest eigenvalue, or None")
+    check.float_dtype(dtype)
+    if callback is not None and not callable(callback):
+        check.fail(TypeError, "callback", "None or a callable taking one record", type(callback).__name__)
     p0 = next(model.parameters())
     home = dict(device=p0.device, dtype=p0.dtype)
+    tensors = lambda: dict(list(model.named_parameters()) + list(model.named_buffers()))  # noqa: E731
+    backup = {name: t.detach().clone() for name, t in tensors().items()}
+    try:
+        return _refine(model, task, lam, home, iterations, target, check_every, params, precondition, dtype,
+                       history_size, callback)
+    except BaseException:  # leave the model as it was: its dtype, and every tensor's values
+        model.to(**home)
+        with torch.no_grad():
+            for name, t in tensors().items():
+                t.copy_(backup[name])
+        raise
+
+
+def _refine(model, task, lam, home, iterations, target, check_every, params, precondition, dtype, history_size,
+            callback):
+    p0 = next(model.parameters())
     model.to(dtype=dtype)
     x = task.x_train.to(device=p0.device, dtype=dtype)
     y = task.y_train.to(device=p0.device, dtype=dtype)

@@ -13,9 +13,9 @@ from . import _json, plots
 from ._env import machine_info
 from .data import bottleneck_task
 from . import _validate as check
-from .experiments import _names
+from .experiments import _names, _read_json, _replot_paths, _schema
 from .functional import leaky_stack
-from .module import LeakyResNet
+from .module import LeakyResNet, _check_factory, _check_input, _check_lam
 from .train import fit, mse
 
 __all__ = ["EXPERIMENTS", "DLN_RANK", "DLN_SADDLE", "FCNN_BOTTLENECK", "DeepLinear", "entropy_rank",
@@ -65,15 +65,19 @@ class DeepLinear(nn.Module):
     def __init__(self, width, depth, *, in_features=None, out_features=None, init="orthogonal", scale=1.0,
                  generator=None, device=None, dtype=None):
         super().__init__()
-        if init not in self.INITS:
-            raise ValueError("init must be one of %s, got %r" % (", ".join(map(repr, self.INITS)), init))
-        self.width, self.depth = int(width), int(depth)
+        _check_factory(device, dtype)
+        self.width = check.integer(width, "width", low=1, what="w, the width of every layer")
+        self.depth = check.integer(depth, "depth", low=1, what="L, the number of layers")
         w, L = self.width, self.depth
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if value is not None and check.integer(value, name, low=1) > w:
+                check.fail(ValueError, name, "an integer in [1, width] = [1, %d], or None for width" % w, repr(value))
         self.in_features = w if in_features is None else int(in_features)
         self.out_features = w if out_features is None else int(out_features)
-        if not (1 <= self.in_features <= w and 1 <= self.out_features <= w):
-            raise ValueError("in_features and out_features must be in [1, width] = [1, %d], got %d and %d"
-                             % (w, self.in_features, self.out_features))
+        check.choice(init, "init", self.INITS)
+        scale = check.real(scale, "scale", low=0.0, strict=True, what="the scale of the layers' singular values")
+        if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
+            check.fail(TypeError, "generator", "None or a CPU torch.Generator", repr(generator))
         G = torch.randn(L, w, w, generator=generator, dtype=torch.float64)
         if init == "orthogonal":
             Q, R = torch.linalg.qr(G)
@@ -91,6 +95,8 @@ class DeepLinear(nn.Module):
 
     def forward(self, x, *, return_all=False):
         """x: [N, d_in] -> x A^T [N, d_out]; with ``return_all``, every X_0..X_L [L+1, N, w] (padded width)."""
+        d = self.in_features
+        _check_input(x, self.layers, "[N, in_features] = [N, %d]" % d, lambda x: x.dim() == 2 and x.shape[1] == d)
         x0 = torch.nn.functional.pad(x, (0, self.width - self.in_features))
         xs = leaky_stack(x0, self.stack_weight(), self.rho, self.Lt, return_all=return_all, activation="linear")
         return xs if return_all else xs[..., : self.out_features]
@@ -101,8 +107,8 @@ class DeepLinear(nn.Module):
         return self(eye).transpose(0, 1)
 
     def regularization(self, lam):
-        """lam/2 * sum_l ||M_l||_F^2 (a 0-d tensor)."""
-        return 0.5 * lam * self.layers.square().sum()
+        """lam/2 * sum_l ||M_l||_F^2 (a 0-d tensor); lam >= 0."""
+        return 0.5 * _check_lam(lam) * self.layers.square().sum()
 
 
 # --- the Schatten-2/L problem of an L2-regularized deep linear network ---------------------------------------------
@@ -138,8 +144,9 @@ def schatten_thresholds(lam, L):
     b_star: the singular value of B above which the global minimizer is non-zero; b_exist <= b_star: the one above
     which a non-zero local minimizer exists. L = 1: both 0 (ridge never zeroes); L = 2: both lam/2 (soft threshold);
     L >= 3, with p = 2/L, c = lam L / 2, k = lam / 2, s0 = (k (1-p))^(1/(2-p)):
-    b_exist = s0 (2-p)/(1-p) and b_star = (2-p)/(2(1-p)) * (c (1-p))^(1/(2-p)).
+    b_exist = s0 (2-p)/(1-p) and b_star = (2-p)/(2(1-p)) * (c (1-p))^(1/(2-p)). lam >= 0, L an integer >= 1.
     """
+    lam, L = _check_schatten(lam, L)
     if L == 1:
         return 0.0, 0.0
     if L == 2:
@@ -149,9 +156,17 @@ def schatten_thresholds(lam, L):
     return s0 * (2 - p) / (1 - p), (2 - p) / (2 * (1 - p)) * (c * (1 - p)) ** (1 / (2 - p))
 
 
+def _check_schatten(lam, L):
+    """The weight decay lam >= 0 and the depth L >= 1 of the Schatten-2/L problem."""
+    return (check.real(lam, "lam", low=0.0, what="the weight decay"),
+            check.integer(L, "L", low=1, what="the depth, the number of layers"))
+
+
 def _scalar_minimizer(b, lam, L, branch):
     """s(b) for b [k] >= 0 (float64): the global minimizer (branch "global") or the largest local minimizer
     ("largest") of (s - b)^2 + (lam L / 2) s^(2/L) over s >= 0."""
+    if lam == 0.0:  # no penalty: s = b (the bisection below would meet 0 * inf at s0 = 0)
+        return b.clone()
     if L == 1:
         return b / (1 + lam / 2)
     if L == 2:
@@ -193,10 +208,14 @@ def schatten_minimizer(B, lam, L, *, branch="global"):
     (b >= b_exist), which is where gradient descent from singular values above it stops: for b in [b_exist, b_star)
     it keeps a singular value the global minimizer sets to zero. B: [d, d'] (float64 recommended). Returns A [d, d'].
     """
-    if branch not in ("global", "largest"):
-        raise ValueError("branch must be 'global' or 'largest', got %r" % (branch,))
+    check.matrix(B, "B", rows_name="d", cols_name="d'")
+    if not B.is_floating_point():
+        check.fail(TypeError, "B", "a real floating tensor (float64 recommended)", str(B.dtype))
+    check.finite(B, "B", "the singular values of NaN or inf are undefined")
+    lam, L = _check_schatten(lam, L)
+    check.choice(branch, "branch", ("global", "largest"))
     U, b, Vh = torch.linalg.svd(B.to(torch.float64), full_matrices=False)
-    s = _scalar_minimizer(b, float(lam), int(L), branch)
+    s = _scalar_minimizer(b, lam, L, branch)
     return (U * s) @ Vh
 
 
@@ -291,6 +310,39 @@ def _check_run(out, device, dtype, seeds):
     return out, device, dtype, seeds
 
 
+def _values(values, name, item, what):
+    """A non-empty list or tuple, each value passed through ``item(value, "each value of <name>")`` (duplicates
+    allowed)."""
+    expect = "a non-empty list of %s" % what
+    if not isinstance(values, (list, tuple)):
+        check.fail(TypeError, name, expect, repr(values))
+    if not values:
+        check.fail(ValueError, name, expect, repr(values))
+    return [item(v, "each value of %s" % name) for v in values]
+
+
+def _positive(value, name, what=""):
+    return check.real(value, name, low=0.0, strict=True, what=what)
+
+
+def _nonnegative(value, name, what=""):
+    return check.real(value, name, low=0.0, what=what)
+
+
+def _depths(values, name="config.depths"):
+    return check.distinct(values, name, lambda v, n: check.integer(v, n, low=1), what="numbers of layers L >= 1",
+                          sort=False)
+
+
+def _config(config, cls, presets, quick):
+    """``config`` (checked before any work), or the preset when None."""
+    if config is None:
+        return presets["quick" if quick else "full"]
+    if not isinstance(config, cls):
+        check.fail(TypeError, "config", "None (the preset) or a %s" % cls.__name__, type(config).__name__)
+    return config.check()
+
+
 def _header(name, quick, cfg, device, dtype, seeds):
     return {"experiment": name, "quick": quick, "config": dataclasses.asdict(cfg), "seeds": seeds,
             "dtype": str(dtype).replace("torch.", ""), "machine": machine_info(device)}
@@ -315,6 +367,25 @@ class DLNRankConfig:
     steps: int = 6000
     rtol: float = 1e-3
 
+    def check(self):
+        """Checks every field (ValueError / TypeError naming it as config.<field>) before any work; returns self."""
+        d = check.integer(self.d, "config.d", low=1, what="the input and output dimension")
+        check.integer(self.n, "config.n", low=d, what="samples, at least d to whiten the inputs")
+        spectrum = _values(self.spectrum, "config.spectrum", lambda v, n: _nonnegative(v, n), "teacher singular "
+                           "values >= 0")
+        if len(spectrum) > d:
+            check.fail(ValueError, "config.spectrum", "at most d = %d values (the teacher's rank)" % d,
+                       "%d values" % len(spectrum))
+        _nonnegative(self.noise, "config.noise", "the label noise")
+        _nonnegative(self.lam, "config.lam", "the weight decay")
+        _depths(self.depths)
+        check.choice(self.init, "config.init", DeepLinear.INITS)
+        _positive(self.init_scale, "config.init_scale", "the layers' scale")
+        _positive(self.lr0, "config.lr0", "the learning rate times L")
+        check.integer(self.steps, "config.steps", low=0, what="gradient-descent steps")
+        _nonnegative(self.rtol, "config.rtol", "the relative cutoff of the numerical rank")
+        return self
+
 
 DLN_RANK = {"full": DLNRankConfig(), "quick": DLNRankConfig(steps=1500)}
 
@@ -330,7 +401,7 @@ def run_dln_rank(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), prog
     rtol * max) and entropy ranks, the largest gap between learned and each prediction, and the gradient norm at
     the end (stationarity). dtype None: float64. Writes dln_rank.json and dln_rank.png to ``out``.
     """
-    cfg = config or DLN_RANK["quick" if quick else "full"]
+    cfg = _config(config, DLNRankConfig, DLN_RANK, quick)
     out, device, dtype, seeds = _check_run(out, device, dtype or torch.float64, seeds)
     t0 = time.perf_counter()
     data = _header("dln-rank", quick, cfg, device, dtype, seeds)
@@ -447,6 +518,32 @@ class DLNSaddleConfig:
     steps_large: int = 600
     records: int = 300
 
+    def check(self):
+        """Checks every field (ValueError / TypeError naming it as config.<field>) before any work; returns self."""
+        d = check.integer(self.d, "config.d", low=1, what="the input and output dimension")
+        check.integer(self.width, "config.width", low=d, what="the network's width, at least d")
+        check.integer(self.n, "config.n", low=d, what="samples, at least d to whiten the inputs")
+        spectrum = _values(self.spectrum, "config.spectrum", lambda v, n: _positive(v, n), "teacher singular "
+                           "values > 0")
+        if len(spectrum) > d:
+            check.fail(ValueError, "config.spectrum", "at most d = %d values (the teacher's rank)" % d,
+                       "%d values" % len(spectrum))
+        depths = _depths(self.depths)
+        _positive(self.small_scale, "config.small_scale", "the end-to-end scale of the small init")
+        _positive(self.large_scale, "config.large_scale", "the per-layer scale of the large init")
+        for name in ("horizon_small", "horizon_large"):
+            horizon = getattr(self, name)
+            if not isinstance(horizon, dict) or any(L not in horizon for L in depths):
+                check.fail(TypeError if not isinstance(horizon, dict) else ValueError, "config." + name,
+                           "a dict with a gradient-flow time for each depth in config.depths %s" % (list(depths),),
+                           repr(horizon))
+            for L in depths:
+                _positive(horizon[L], "config.%s[%d]" % (name, L), "a gradient-flow time")
+        _positive(self.lr0, "config.lr0", "the learning-rate scale")
+        check.integer(self.steps_large, "config.steps_large", low=1, what="steps of the large init")
+        check.integer(self.records, "config.records", low=1, what="recorded points per run")
+        return self
+
 
 DLN_SADDLE = {"full": DLNSaddleConfig(), "quick": DLNSaddleConfig(depths=(3,), records=200)}
 
@@ -496,7 +593,7 @@ def run_dln_saddle(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), pr
     ||M(T) - M(0)||_F / ||M(0)||_F (large: feature learning; small: lazy). dtype None: float64.
     Writes dln_saddle.json and dln_saddle_L<L>.png (one per depth, first seed) to ``out``.
     """
-    cfg = config or DLN_SADDLE["quick" if quick else "full"]
+    cfg = _config(config, DLNSaddleConfig, DLN_SADDLE, quick)
     out, device, dtype, seeds = _check_run(out, device, dtype or torch.float64, seeds)
     t0 = time.perf_counter()
     data = _header("dln-saddle", quick, cfg, device, dtype, seeds)
@@ -631,6 +728,24 @@ class FCNNBottleneckConfig:
     rtol_small: float = 0.01
     top: int = 12
 
+    def check(self):
+        """Checks every field (ValueError / TypeError naming it as config.<field>) before any work; returns self."""
+        d = check.integer(self.d, "config.d", low=1, what="the input and output dimension")
+        inner = _values(self.inner, "config.inner", lambda v, n: check.integer(v, n, low=1), "inner dimensions")
+        if min(inner) > d:
+            check.fail(ValueError, "config.inner", "a bottleneck with min(inner) <= d = %d" % d, repr(self.inner))
+        check.integer(self.n_train, "config.n_train", low=2, what="training points")
+        check.integer(self.n_test, "config.n_test", low=0, what="test points")
+        check.integer(self.width, "config.width", low=1, what="the width w of the representations")
+        _depths(self.depths)
+        _nonnegative(self.lam, "config.lam", "the weight decay")
+        check.integer(self.adam_steps, "config.adam_steps", low=0, what="Adam steps")
+        _positive(self.lr, "config.lr", "the Adam learning rate of M_l")
+        _nonnegative(self.rtol, "config.rtol", "the relative cutoff of a large singular value")
+        _nonnegative(self.rtol_small, "config.rtol_small", "the relative cutoff of a small singular value")
+        check.integer(self.top, "config.top", low=1, what="singular values kept per layer")
+        return self
+
 
 FCNN_BOTTLENECK = {"full": FCNNBottleneckConfig(),
                    "quick": FCNNBottleneckConfig(n_train=200, n_test=200, width=32, depths=(2, 4, 8), adam_steps=2500)}
@@ -673,7 +788,7 @@ def run_fcnn_bottleneck(out, *, quick=False, device="cpu", dtype=None, seeds=(0,
     layer X_{L//2} and the smallest count over the hidden layers X_1..X_{L-1}. dtype None: float32.
     Writes fcnn_bottleneck.json and fcnn_bottleneck.png to ``out``.
     """
-    cfg = config or FCNN_BOTTLENECK["quick" if quick else "full"]
+    cfg = _config(config, FCNNBottleneckConfig, FCNN_BOTTLENECK, quick)
     out, device, dtype, seeds = _check_run(out, device, dtype or torch.float32, seeds)
     t0 = time.perf_counter()
     data = _header("fcnn-bottleneck", quick, cfg, device, dtype, seeds)
@@ -791,9 +906,20 @@ EXPERIMENTS = {
 }
 
 
+#: The fields each result file needs for replot.
+_FIELDS = {"dln-rank": ("config", "seeds", "runs", "thresholds"), "dln-saddle": ("config", "seeds", "runs"),
+           "fcnn-bottleneck": ("config", "seeds", "runs")}
+
+
 def replot(json_path, out=None):
     """Redraws the PNGs of a run from its JSON (dln_rank.json, dln_saddle.json or fcnn_bottleneck.json) into
-    ``out`` (default: beside the JSON); returns {name: path}."""
-    data = _json.load(json_path)
-    out = out or os.path.dirname(os.path.abspath(json_path))
-    return _PLOTS[data["experiment"]](data, out)
+    ``out`` (default: beside the JSON; a folder); returns {name: path}. A missing, truncated or non-JSON file, or
+    one of another schema, is refused naming it (FileNotFoundError / ValueError)."""
+    json_path, out = _replot_paths(json_path, out)
+    expect = "a dln_rank.json, dln_saddle.json or fcnn_bottleneck.json written by leakycuda"
+    data = _read_json(json_path, "json_path", expect)
+    if not isinstance(data, dict) or data.get("experiment") not in _PLOTS:
+        check.fail(ValueError, "json_path", expect, "%r, which is none of them (experiment %r)"
+                   % (json_path, data.get("experiment") if isinstance(data, dict) else None))
+    with _schema(json_path, "json_path", expect, data, _FIELDS[data["experiment"]]):
+        return _PLOTS[data["experiment"]](data, out)
