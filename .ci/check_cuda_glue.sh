@@ -39,4 +39,18 @@ chmod +x "$tmp/compile.sh"
 echo "== nvcc: ${#srcs[@]} units ($arch), $jobs at a time"
 start=$(date +%s)
 printf '%s\n' "${srcs[@]}" | xargs -P "$jobs" -n 1 "$tmp/compile.sh"
-echo "ok: ${#srcs[@]} units in $(( $(date +%s) - start )) s"
+echo "== ${#srcs[@]} units in $(( $(date +%s) - start )) s"
+
+# What the units and ops.cpp's CUDA registrations need of each other must be defined by one of them: the
+# stack's launches (leakycuda::stack_cuda::*, one unit per instance-list pair) and the *_cuda entry points.
+echo "== link check: csrc/ops.cpp (with LEAKYCUDA_WITH_CUDA) and the units"
+c++ -std=c++17 -c csrc/ops.cpp -o "$tmp/obj/ops.o" -Icsrc "${incs[@]/#/-I}" -D_GLIBCXX_USE_CXX11_ABI="$abi" \
+  -DLEAKYCUDA_WITH_CUDA=1 -DLEAKYCUDA_NO_PYTHON -w
+pattern='^_ZN9leakycuda(10stack_cuda|[0-9]+[a-z0-9_]*_cudaE)'
+nm --undefined-only "$tmp"/obj/*.o | awk '{print $NF}' | grep -E "$pattern" | sort -u > "$tmp/need.txt" || true
+nm --defined-only "$tmp"/obj/*.cu.o | awk '{print $NF}' | sort -u > "$tmp/have.txt"
+missing=$(comm -23 "$tmp/need.txt" "$tmp/have.txt")
+if [ -n "$missing" ]; then
+  echo "undefined across the units:"; echo "$missing" | c++filt; exit 1
+fi
+echo "ok: $(wc -l < "$tmp/need.txt") cross-unit symbols defined"
