@@ -8,8 +8,8 @@
 //   - a device op has one kernel per device, <op>_cpu and <op>_cuda, and a Meta kernel <op>_meta (the
 //     same argument checks on symbolic sizes, empty outputs) for FakeTensor and torch.compile;
 //   - a device-generic op has one CompositeExplicitAutograd kernel <op>, built from ATen ops or from
-//     other leakycuda ops through the dispatcher, which serves every device; where that kernel reads
-//     data (so cannot trace), it has a Meta kernel <op>_meta too.
+//     other leakycuda ops through the dispatcher, which serves every device; where that kernel cannot
+//     run under tracing (it needs concrete sizes), it has a Meta kernel <op>_meta too.
 #include <torch/library.h>
 #ifndef LEAKYCUDA_NO_PYTHON
 #include <Python.h>
@@ -79,9 +79,9 @@ TORCH_LIBRARY(leakycuda, m) {
   X(k_norm2_backward) X(energies) X(energies_backward)
 
 // X(op): the device-generic ops, kernel <op>. leaky_layer runs as a one-layer leaky_stack (so traces
-// through its Meta kernel); cost_of_identity_exact runs ATen's SVD on the data.
+// through its Meta kernel); cost_of_identity_exact runs ATen's SVDs on concrete sizes.
 #define LEAKYCUDA_GENERIC_OPS(X) X(leaky_layer) X(leaky_layer_backward) X(cost_of_identity_exact)
-// X(op): the device-generic ops that read data, with a Meta kernel <op>_meta.
+// X(op): the device-generic ops that cannot run under tracing, with a Meta kernel <op>_meta.
 #define LEAKYCUDA_GENERIC_META_OPS(X) X(cost_of_identity_exact)
 
 #define LEAKYCUDA_IMPL(op, suffix) m.impl(#op, &leakycuda::op##suffix);
