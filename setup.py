@@ -1,6 +1,7 @@
 # Builds leakycuda._C: the C++ CPU ops and the device-generic (ATen) ops always, the CUDA kernels when torch
 # itself has CUDA and nvcc matches it.
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -51,28 +52,45 @@ def _want_cuda():
     return True, "torch CUDA %s, nvcc %d.%d" % ((torch.version.cuda,) + nvcc)
 
 
-WITH_CUDA, WHY = _want_cuda()
-print("leakycuda: building %s kernels (%s)" % ("CPU and CUDA" if WITH_CUDA else "CPU", WHY))
+# Where the generated CUDA compile units go (csrc/gen_units.py): the build directory, never the sources.
+UNITS_DIR = os.path.join("build", "leakycuda_units")
 
-sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/generic/*.cpp"))
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-if WITH_CUDA:
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    ext = CUDAExtension(
+
+def _gen_units():
+    spec = importlib.util.spec_from_file_location("leakycuda_gen_units", os.path.join(HERE, "csrc", "gen_units.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def extension_sources(with_cuda, units_dir=UNITS_DIR):
+    """The sources of leakycuda._C: the op library, the CPU and device-generic code; with CUDA also the
+    launchers (csrc/cuda/*.cu) and one generated unit per (storage type, activation) of the leaky stack's
+    instance list, written into units_dir."""
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/generic/*.cpp"))
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += [os.path.join(units_dir, os.path.basename(p)) for p in _gen_units().write("launch", units_dir)]
+    return sources
+
+
+def extension(with_cuda):
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if with_cuda:
+        return CUDAExtension(
+            "leakycuda._C",
+            extension_sources(True),
+            include_dirs=[os.path.join(HERE, "csrc")],
+            define_macros=[("LEAKYCUDA_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
         "leakycuda._C",
-        sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
-        define_macros=[("LEAKYCUDA_WITH_CUDA", "1")],
-        extra_compile_args={
-            "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
-        },
-        extra_link_args=["-fopenmp"],
-    )
-else:
-    ext = CppExtension(
-        "leakycuda._C",
-        sources,
+        extension_sources(False),
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
@@ -82,13 +100,15 @@ else:
 class Build(BuildExtension):
     """Builds the extension, then records what it was built against in leakycuda/_build_info.py."""
 
+    with_cuda = False
+
     def run(self):
         super().run()
         info = {
             "torch_version": torch.__version__,
-            "cuda_version": torch.version.cuda if WITH_CUDA else None,
-            "with_cuda": WITH_CUDA,
-            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if WITH_CUDA else None,
+            "cuda_version": torch.version.cuda if self.with_cuda else None,
+            "with_cuda": self.with_cuda,
+            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if self.with_cuda else None,
         }
         target = os.path.join(os.path.dirname(self.get_ext_fullpath("leakycuda._C")), "_build_info.py")
         with open(target, "w") as f:
@@ -97,4 +117,7 @@ class Build(BuildExtension):
                 f.write("%s = %r\n" % (k, v))
 
 
-setup(ext_modules=[ext], cmdclass={"build_ext": Build})
+if __name__ == "__main__":  # as pip and `python setup.py` run it; tests import it for extension_sources
+    Build.with_cuda, why = _want_cuda()
+    print("leakycuda: building %s kernels (%s)" % ("CPU and CUDA" if Build.with_cuda else "CPU", why))
+    setup(ext_modules=[extension(Build.with_cuda)], cmdclass={"build_ext": Build})

@@ -1,5 +1,6 @@
-// Declarations shared by the Cost-of-Identity / K-norm / energies ops: argument checks, the
-// device-generic pieces (ATen only), the device-generic implementation of every op, and the CPU kernels.
+// Declarations of the Cost-of-Identity / K-norm / energies ops: argument checks and Meta kernels, the
+// device-generic pieces (ATen only), the device-generic implementation of every op, the CPU kernels and
+// the CUDA entry points; ops.cpp registers them.
 //
 // Output contract of every implementation (CPU kernel, device-generic, fused CUDA): values in the input
 // dtype; gamma_used and Z float64, Z = (S^T S + gamma I)^{-1} S^T M laid out [B, p, blocks * m].
@@ -86,6 +87,33 @@ KNormDims check_energies_backward_args(const std::array<at::Tensor, 5>& grads, c
 // every rho_l finite and > 0.
 void check_gamma_values(const at::Tensor& gamma);
 void check_step_values(const at::Tensor& rho);
+
+// --- Meta kernels (generic/energies_checks.cpp): each op's *_symint check, then empty outputs of the
+// kernels' shapes and dtypes (tracing, FakeTensor, torch.compile). Signatures as the CPU kernels below.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_meta(
+    const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+    c10::string_view activation);
+at::Tensor cost_of_identity_backward_meta(const at::Tensor& grad, const at::Tensor& X, const at::Tensor& Z,
+                                          const at::Tensor& gamma, bool bias, c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_exact_meta(const at::Tensor& X,
+                                                                           c10::optional<double> rcond, bool bias,
+                                                                           c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_meta(const at::Tensor& M, const at::Tensor& X,
+                                                            const c10::optional<at::Tensor>& gamma,
+                                                            double gamma0, bool bias, c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor> k_norm2_backward_meta(const at::Tensor& grad, const at::Tensor& M,
+                                                         const at::Tensor& X, const at::Tensor& Z,
+                                                         const at::Tensor& gamma, bool bias,
+                                                         c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+energies_meta(const at::Tensor& xs, const at::Tensor& rho, double Lt,
+              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias, c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor> energies_backward_meta(
+    const at::Tensor& grad_coi, const at::Tensor& grad_kinetic, const at::Tensor& grad_potential,
+    const at::Tensor& grad_hamiltonian, const at::Tensor& grad_rank, const at::Tensor& xs,
+    const at::Tensor& rho, double Lt, const at::Tensor& Z, const at::Tensor& gamma, bool bias,
+    c10::string_view activation);
 
 // True when LEAKYCUDA_CPU_ATEN_ENERGIES=1 (read at every call): the CPU ops then run the
 // device-generic implementation, the code CUDA falls back to, so CPU tests cover it.
@@ -186,6 +214,31 @@ energies_cpu(const at::Tensor& xs, const at::Tensor& rho, double Lt,
              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias, c10::string_view activation);
 // (dxs [L+1, N, w], drho [L]).
 std::tuple<at::Tensor, at::Tensor> energies_backward_cpu(
+    const at::Tensor& grad_coi, const at::Tensor& grad_kinetic, const at::Tensor& grad_potential,
+    const at::Tensor& grad_hamiltonian, const at::Tensor& grad_rank, const at::Tensor& xs,
+    const at::Tensor& rho, double Lt, const at::Tensor& Z, const at::Tensor& gamma, bool bias,
+    c10::string_view activation);
+
+// --- CUDA entry points (cuda/energies.cu; built with LEAKYCUDA_WITH_CUDA): the fused kernels where they
+// apply, else the device-generic implementation. Signatures and outputs as the CPU kernels. ---
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cost_of_identity_cuda(
+    const at::Tensor& X, const c10::optional<at::Tensor>& gamma, double gamma0, bool bias,
+    c10::string_view activation);
+at::Tensor cost_of_identity_backward_cuda(const at::Tensor& grad, const at::Tensor& X,
+                                          const at::Tensor& Z, const at::Tensor& gamma, bool bias,
+                                          c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> k_norm2_cuda(const at::Tensor& M, const at::Tensor& X,
+                                                            const c10::optional<at::Tensor>& gamma,
+                                                            double gamma0, bool bias, c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor> k_norm2_backward_cuda(const at::Tensor& grad, const at::Tensor& M,
+                                                         const at::Tensor& X, const at::Tensor& Z,
+                                                         const at::Tensor& gamma, bool bias,
+                                                         c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+energies_cuda(const at::Tensor& xs, const at::Tensor& rho, double Lt,
+              const c10::optional<at::Tensor>& gamma, double gamma0, bool bias, c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor> energies_backward_cuda(
     const at::Tensor& grad_coi, const at::Tensor& grad_kinetic, const at::Tensor& grad_potential,
     const at::Tensor& grad_hamiltonian, const at::Tensor& grad_rank, const at::Tensor& xs,
     const at::Tensor& rho, double Lt, const at::Tensor& Z, const at::Tensor& gamma, bool bias,

@@ -1,4 +1,7 @@
-// Declarations shared by the leaky-stack op's schema file, its CPU kernels and its CUDA launchers.
+// Declarations of the leaky-stack ops (leaky_stack, leaky_stack_backward, leaky_layer and its backward):
+// their argument checks and Meta kernels (generic/leaky_stack_checks.cpp), the one-layer op
+// (generic/leaky_layer.cpp), the CPU kernels (cpu/leaky_stack.cpp) and the CUDA entry points
+// (cuda/leaky_stack.cu); ops.cpp registers them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -75,6 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_stack_grads(const Dims& d,
 // The activation named by the schema's `activation` string ("relu" or "linear"); ValueError otherwise.
 Activation parse_activation(c10::string_view activation);
 
+// --- argument checks (generic/leaky_stack_checks.cpp) ---
+
 // Argument checks for leaky_stack; returns the sizes. One model: x0 [N, w], W [L, w, w+1], rho [L],
 // model_Lt None. B models (W 4-D): x0 [B, N, w], W [B, L, w, w+1], rho [B, L], model_Lt None or a
 // float64 [B] tensor on x0's device (per-model Lt, replacing Lt).
@@ -106,7 +111,32 @@ SymStackDims check_stack_backward_args_symint(const at::Tensor& grad, const at::
 void check_rho_values(const at::Tensor& rho);
 void check_model_Lt_values(const c10::optional<at::Tensor>& model_Lt);
 
-// CPU implementations (csrc/cpu/leaky_stack.cpp).
+// The one-layer op's check, in its own terms: x [N, w], W_l [w, w+1], rho_l a single step; grad (when
+// not null) x's shape. Half types pass except on the CPU.
+void check_layer_args(const at::Tensor* grad, const at::Tensor& x, const at::Tensor& W, const at::Tensor& rho,
+                      double Lt, c10::string_view activation);
+
+// --- Meta kernels (generic/leaky_stack_checks.cpp): the checks on symbolic sizes, then empty outputs ---
+
+std::tuple<at::Tensor, at::Tensor> leaky_stack_meta(const at::Tensor& x0, const at::Tensor& W,
+                                                    const at::Tensor& rho, double Lt, bool return_all,
+                                                    int64_t checkpoint, c10::string_view activation,
+                                                    const c10::optional<at::Tensor>& model_Lt);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_stack_backward_meta(
+    const at::Tensor& grad, const at::Tensor& states, const at::Tensor& W, const at::Tensor& rho, double Lt,
+    int64_t checkpoint, c10::string_view activation, const c10::optional<at::Tensor>& model_Lt);
+
+// --- the one-layer op (generic/leaky_layer.cpp): x [N, w], W [w, w+1], rho 0-d, run as a one-layer
+// stack on x's device ---
+
+at::Tensor leaky_layer(const at::Tensor& x, const at::Tensor& W, const at::Tensor& rho, double Lt,
+                       c10::string_view activation);
+// (dx, dW, drho) of leaky_layer.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_layer_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                    const at::Tensor& W, const at::Tensor& rho,
+                                                                    double Lt, c10::string_view activation);
+
+// --- CPU kernels (cpu/leaky_stack.cpp) ---
 std::tuple<at::Tensor, at::Tensor> leaky_stack_cpu(const at::Tensor& x0, const at::Tensor& W,
                                                    const at::Tensor& rho, double Lt,
                                                    bool return_all, int64_t checkpoint,
@@ -116,5 +146,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_stack_backward_cpu(
     const at::Tensor& grad, const at::Tensor& states, const at::Tensor& W, const at::Tensor& rho,
     double Lt, int64_t checkpoint, c10::string_view activation,
     const c10::optional<at::Tensor>& model_Lt);
+
+// --- CUDA entry points (cuda/leaky_stack.cu; built with LEAKYCUDA_WITH_CUDA): the CPU kernels' contract,
+// half types included ---
+
+std::tuple<at::Tensor, at::Tensor> leaky_stack_cuda(const at::Tensor& x0, const at::Tensor& W,
+                                                    const at::Tensor& rho, double Lt, bool return_all,
+                                                    int64_t checkpoint, c10::string_view activation,
+                                                    const c10::optional<at::Tensor>& model_Lt);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_stack_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& states, const at::Tensor& W, const at::Tensor& rho, double Lt,
+    int64_t checkpoint, c10::string_view activation, const c10::optional<at::Tensor>& model_Lt);
 
 }  // namespace leakycuda

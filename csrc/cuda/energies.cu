@@ -12,7 +12,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <utility>
 #include <vector>
@@ -143,6 +142,8 @@ std::vector<int64_t> batch_shape(const Tensor& X, std::initializer_list<int64_t>
   return s;
 }
 
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor> cost_of_identity_cuda(const Tensor& X, const c10::optional<Tensor>& gamma,
                                                          double gamma0, bool bias, c10::string_view activation) {
   const KNormDims d = check_coi_args(X, gamma, gamma0, bias, activation);
@@ -271,14 +272,4 @@ std::tuple<Tensor, Tensor> energies_backward_cuda(const Tensor& grad_coi, const 
   return {dxs, drho.sum(1).to(rho.scalar_type())};
 }
 
-}  // namespace
 }  // namespace leakycuda
-
-TORCH_LIBRARY_IMPL(leakycuda, CUDA, m) {
-  m.impl("cost_of_identity", &leakycuda::cost_of_identity_cuda);
-  m.impl("cost_of_identity_backward", &leakycuda::cost_of_identity_backward_cuda);
-  m.impl("k_norm2", &leakycuda::k_norm2_cuda);
-  m.impl("k_norm2_backward", &leakycuda::k_norm2_backward_cuda);
-  m.impl("energies", &leakycuda::energies_cuda);
-  m.impl("energies_backward", &leakycuda::energies_backward_cuda);
-}

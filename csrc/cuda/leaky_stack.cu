@@ -1,8 +1,11 @@
 // CUDA entry points of leaky_stack / leaky_stack_backward: check arguments, lay the tensors out model-first, and
-// launch the activation's instance (leaky_stack_launch.cuh) on torch's current stream.
-#include <torch/library.h>
+// launch the instance of the dtype and activation (leaky_stack_launch.cuh) on torch's current stream.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
 
-#include "leaky_stack_cuda.h"
+#include "../leaky_stack.h"
 #include "leaky_stack_launch.cuh"
 
 namespace leakycuda {
@@ -10,6 +13,9 @@ namespace {
 
 using at::Tensor;
 using namespace stack_cuda;  // the launch templates and helpers
+
+// The torch-free kernels' name of the op's activation (for visit_activation from leaky_stack.h).
+constexpr k::Act kernel_act(Activation act) { return act == Activation::kRelu ? k::Act::kRelu : k::Act::kLinear; }
 
 // The model-first view the kernels index: t itself for B models, t with a leading [1] for one model.
 Tensor as_models(const Tensor& t, const StackDims& d) { return d.models ? t : t.unsqueeze(0); }
@@ -48,8 +54,10 @@ std::tuple<Tensor, Tensor> leaky_stack_cuda(const Tensor& x0, const Tensor& W, c
   if (L == 0 || N == 0 || B == 0) return {out, states};
 
   const Launch c = make_launch(dims, Lt, mlt, x0);
-  visit_activation(dims.act, [&](auto act) {
-    stack_forward<kernel_act(decltype(act)::value)>(c, x, Wc, rc, return_all, checkpoint, outB, statesB);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "leaky_stack_cuda", [&] {
+    visit_activation(dims.act, [&](auto act) {
+      stack_forward<scalar_t, kernel_act(decltype(act)::value)>(c, x, Wc, rc, return_all, checkpoint, outB, statesB);
+    });
   });
   return {out, states};
 }
@@ -86,15 +94,13 @@ std::tuple<Tensor, Tensor, Tensor> leaky_stack_backward_cuda(const Tensor& grad,
   }
 
   const Launch c = make_launch(dims, Lt, mlt, grad);
-  visit_activation(dims.act, [&](auto act) {
-    stack_backward<kernel_act(decltype(act)::value)>(c, per_layer, g, st, Wc, rc, mlt, checkpoint, dx0B, dWB, drhoB);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "leaky_stack_backward_cuda", [&] {
+    visit_activation(dims.act, [&](auto act) {
+      stack_backward<scalar_t, kernel_act(decltype(act)::value)>(c, per_layer, g, st, Wc, rc, mlt, checkpoint, dx0B,
+                                                                 dWB, drhoB);
+    });
   });
   return {dx0, dW, drho};
 }
 
 }  // namespace leakycuda
-
-TORCH_LIBRARY_IMPL(leakycuda, CUDA, m) {
-  m.impl("leaky_stack", &leakycuda::leaky_stack_cuda);
-  m.impl("leaky_stack_backward", &leakycuda::leaky_stack_backward_cuda);
-}

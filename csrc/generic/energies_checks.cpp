@@ -1,11 +1,10 @@
 // Argument checks of the COI / K-norm / energies ops, one per op, on symbolic sizes so that the same
 // check runs in every kernel (CPU, device-generic, CUDA) and, under tracing (FakeTensor,
-// torch.compile with dynamic shapes), in the Meta kernels registered here. Shape and value problems
+// torch.compile with dynamic shapes), in the Meta kernels defined here. Shape and value problems
 // raise ValueError, dtype problems TypeError; messages name the argument, the given and the expected.
 #include <ATen/ATen.h>
 #include <c10/core/SymBool.h>
 #include <c10/core/SymInt.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <string>
@@ -271,13 +270,15 @@ void check_step_values(const at::Tensor& rho) {
   }
 }
 
-namespace {
-
 // --- Meta kernels: the ops' checks on (possibly symbolic) sizes, then empty outputs of the kernels' shapes ---
 
 using at::Tensor;
 
+namespace {
+
 at::TensorOptions f64(const Tensor& t) { return t.options().dtype(at::kDouble); }
+
+}  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> cost_of_identity_meta(const Tensor& X, const c10::optional<Tensor>& gamma,
                                                          double gamma0, bool bias, c10::string_view activation) {
@@ -336,17 +337,4 @@ std::tuple<Tensor, Tensor> energies_backward_meta(const Tensor& grad_coi, const 
   return {at::empty_symint(xs.sym_sizes(), xs.options()), at::empty_symint(rho.sym_sizes(), rho.options())};
 }
 
-}  // namespace
-
 }  // namespace leakycuda
-
-// Shapes under tracing (FakeTensor, torch.compile): the kernels' own checks, no data.
-TORCH_LIBRARY_IMPL(leakycuda, Meta, m) {
-  m.impl("cost_of_identity", &leakycuda::cost_of_identity_meta);
-  m.impl("cost_of_identity_backward", &leakycuda::cost_of_identity_backward_meta);
-  m.impl("cost_of_identity_exact", &leakycuda::cost_of_identity_exact_meta);
-  m.impl("k_norm2", &leakycuda::k_norm2_meta);
-  m.impl("k_norm2_backward", &leakycuda::k_norm2_backward_meta);
-  m.impl("energies", &leakycuda::energies_meta);
-  m.impl("energies_backward", &leakycuda::energies_backward_meta);
-}

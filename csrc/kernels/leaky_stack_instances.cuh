@@ -1,8 +1,14 @@
-// The one list of leaky-stack template instances the CUDA launchers use (X-macros), for the launchers'
-// dispatch and for instantiate_check.cu.
+// The one list of leaky-stack template instances the CUDA launchers use (X-macros), and so of the compile
+// units that build them: one unit per (storage type in LEAKY_STACK_TYPES, activation in
+// LEAKY_STACK_ACTIVATIONS), generated at build time by csrc/gen_units.py. The launcher units
+// (cuda/leaky_stack_unit.cuh) instantiate the launches of their type and activation, and so every kernel
+// below of that storage type; the torch-free units (leaky_stack_unit_check.cuh) instantiate exactly those
+// kernels, so CI compiles all device code with nvcc alone.
 #pragma once
 
-#include "leaky_stack.cuh"
+#include "leaky_stack_bwd.cuh"
+#include "leaky_stack_dw.cuh"
+#include "leaky_stack_fwd.cuh"
 #include "leaky_stack_large.cuh"
 
 namespace leakycuda {
@@ -36,8 +42,9 @@ using KindF16 = KindHalf<__half>;
 #define LEAKY_STACK_FMA_INSTANCES(X) \
   X(float, 64) X(float, 128) X(float, 256) X(double, 64) X(double, 128) X(double, 256)
 
-// X(T): storage types of the packing and drho kernels (no activation), and of the large-width
-// elementwise kernels (x activations).
+// X(T): the storage types (of x0, W and the outputs): those of the packing and drho kernels (no
+// activation), and of the large-width elementwise kernels (x activations). One compile unit per type
+// and activation.
 #define LEAKY_STACK_TYPES(X) X(float) X(double) X(__nv_bfloat16) X(__half)
 
 // X(T, TG): <G, P> fallback of drho, TG the type G is held in (the accumulation type in the small-width

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "leaky_stack.cuh"
+#include "leaky_stack_dw.cuh"
 
 namespace leakycuda {
 namespace kernels {
