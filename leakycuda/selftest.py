@@ -104,8 +104,8 @@ class Context:
         """The check's line: the worst result relative to its bound; Failed naming every result off."""
         bad = [r for r in self.results if not r[1]]
         if bad:
-            raise Failed("; ".join("%s: err %.3g > bound %.3g" % (label, err, bound) for label, _, err, bound in bad[:4])
-                         + (" (and %d more)" % (len(bad) - 4) if len(bad) > 4 else ""))
+            text = "; ".join("%s: err %.3g > bound %.3g" % (label, err, bound) for label, _, err, bound in bad[:4])
+            raise Failed(text + (" (and %d more)" % (len(bad) - 4) if len(bad) > 4 else ""))
         if not self.results:
             return "; ".join(self.notes)
         label, _, err, bound = max(self.results, key=lambda r: r[2] / r[3] if r[3] > 0 else 0.0)
@@ -569,7 +569,7 @@ def _child_env():
     """The environment of a child that imports this same leakycuda (its parent folder first on PYTHONPATH)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rest = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONPATH=root + (os.pathsep + rest if rest else ""))
+    return dict(os.environ, PYTHONPATH=root + (os.pathsep + rest if rest else ""), OMP_NUM_THREADS="1")
 
 
 def _ended(rc):
@@ -776,7 +776,19 @@ def _build_problem(device):
 
 
 def run(device="cpu", quick=False, *, out=sys.stdout, json_path=None):
-    """Runs every check on device, prints one line per check and a summary; returns the exit code (0: no failure)."""
+    """Runs every check on device, prints one line per check and a summary; returns the exit code (0: no failure).
+
+    The CPU checks run on one thread (restored afterwards): their shapes are small, and on a machine shared with
+    other jobs torch's threads waiting on each other made them many times slower than one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(device, quick, out, json_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(device, quick, out, json_path):
     from ._env import machine_info
 
     t_start = time.perf_counter()
