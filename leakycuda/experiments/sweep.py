@@ -1,7 +1,7 @@
-"""The demo and the sweeps behind the paper's Figures 1 and 2: train, measure, write JSON and PNGs."""
+"""Runs of the paper's task shared by the demo and Figures 1 and 2: the run config, training one run or a planned sweep
+(batched as ensembles), the per-layer measurements and their JSON."""
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -9,21 +9,19 @@ import warnings
 
 import torch
 
-from . import _json
-from . import _validate as check
-from . import plots
-from ._ensemble_fit import MemberDivergedWarning
-from ._env import machine_info
-from .data import TEACHERS, bottleneck_task
-from .ensemble import LeakyEnsemble
-from .module import INITS, STEP_SCHEMES, LeakyResNet
-from .recipes import continue_run, refine, warm_start
-from .steps import STABLE_RHO_LT, StepOvershootWarning, check_irregularity, step_sizes
-from .train import DIVERGE_FACTOR, DivergenceError, _divergence_error, fit
+from .. import _json
+from .. import _validate as check
+from .._ensemble_fit import MemberDivergedWarning
+from ..data import TEACHERS, bottleneck_task
+from ..ensemble import LeakyEnsemble
+from ..module import INITS, LeakyResNet, STEP_SCHEMES
+from ..recipes import continue_run, refine, warm_start
+from ..steps import STABLE_RHO_LT, StepOvershootWarning, check_irregularity, step_sizes
+from ..train import DIVERGE_FACTOR, DivergenceError, _divergence_error, fit
 
-__all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "check_stable", "layer_stats", "layer_table", "rank_summary",
-           "plot_fig1", "plot_demo", "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run",
-           "train_runs"]
+__all__ = ["ENSEMBLE_SHARED", "RunConfig", "TASK_D", "check_run", "check_stable", "convergence_summary", "dump_json",
+           "file_names", "final_losses", "layer_stats", "layer_table", "make_task", "overshoot_note", "plain_floats",
+           "rank_summary", "train_and_refine", "train_run", "train_runs"]
 
 
 @dataclasses.dataclass
@@ -106,27 +104,6 @@ class RunConfig:
 
 #: The input and output dimension d of every task here (the paper's 30).
 TASK_D = 30
-
-# The demo: the 30 -> 3 -> 30 task at Lt = 6 with the paper's step counts (5000 Adam + 1000 SGD), reduced
-# to width 64 and 500 training points (paper: 100 and 1000) so that it runs in under a minute on 2 CPU cores.
-DEMO = RunConfig(n_train=500, n_test=500, width=64, depth=20, Lt=6.0)
-
-# Figure 1: the 30 -> 3 -> 30 task, L = 20 equidistant layers, a sweep over Lt.
-FIG1 = {
-    # From Lt = 8 on, each seed's run warm-starts from its previous Lt (docs/DESIGN.md, "Training at large Lt"):
-    # a random init collapses to zero weights there and the identity init forms no bottleneck.
-    "paper": dict(config=RunConfig(continue_above=8.0), Lts=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0)),
-    "quick": dict(config=RunConfig(n_train=200, n_test=200, width=32, adam_steps=1500, sgd_steps=300),
-                  Lts=(2.0, 4.0, 6.0)),
-}
-# Figure 2: three random ResNets 30 -> 6 -> 3 -> 30, Lt = 3, a sweep over L and the step schemes.
-FIG2 = {
-    "paper": dict(config=RunConfig(inner=(6, 3), teacher="resnet", Lt=3.0), depths=(4, 8, 16, 32, 64),
-                  schemes=("equidistant", "irregular", "adaptive"), a=0.9),
-    "quick": dict(config=RunConfig(inner=(6, 3), teacher="resnet", Lt=3.0, n_train=200, n_test=200, width=32,
-                                   adam_steps=1000, sgd_steps=200), depths=(4, 8, 16),
-                  schemes=("equidistant", "irregular", "adaptive"), a=0.9),
-}
 
 
 def check_stable(Lt, depth, steps="equidistant", a=0.0, *, name="Lt"):
@@ -226,7 +203,7 @@ ENSEMBLE_SHARED = ("inner", "teacher", "n_train", "n_test", "width", "adam_steps
 def train_runs(plan, done, *, device="cpu", dtype=torch.float32, progress=None, sequential=False, pad_depths=False):
     """Trains the runs ``plan`` = [(cfg, seed, desc, start), ...] and calls
     ``done(i, model, task, result, extra, seconds)`` for each as soon as it has trained (model a LeakyResNet,
-    result a FitResult, extra = {"warm_start", "refine"} as :func:`_train` gives it, seconds its training
+    result a FitResult, extra = {"warm_start", "refine"} as :func:`train_and_refine` gives it, seconds its training
     time): sequential, in plan order; batched, group by group (each group's runs in plan order), so a
     caller that wants plan order sorts by i.
 
@@ -234,7 +211,7 @@ def train_runs(plan, done, *, device="cpu", dtype=torch.float32, progress=None, 
     (:func:`leakycuda.recipes.continue_run`: shifted to cfg.Lt, then cfg.continue_steps Adam steps).
     Runs with cfg.refine_steps > 0 are refined after training (L-BFGS, one model at a time).
 
-    ``sequential=True``: :func:`_train` one run after the other, each reported as soon as it ends.
+    ``sequential=True``: :func:`train_and_refine` one run after the other, each reported as soon as it ends.
     Batched (the default): the runs that share :data:`ENSEMBLE_SHARED`, the depth (unless
     ``pad_depths``) and their place in the warm-start chain train together as one
     :class:`~leakycuda.ensemble.LeakyEnsemble`: a member starts from the weights train_run(cfg, seed)
@@ -253,7 +230,7 @@ def train_runs(plan, done, *, device="cpu", dtype=torch.float32, progress=None, 
         for i, (cfg, seed, desc, start) in enumerate(plan):
             t = time.perf_counter()
             with _named_run(desc):
-                model, task, result, extra = _train(cfg, seed, start=None if start is None else models[start],
+                model, task, result, extra = train_and_refine(cfg, seed, start=None if start is None else models[start],
                                                     device=device, dtype=dtype, progress=progress, desc=desc)
             models[i] = model
             done(i, model, task, result, extra, time.perf_counter() - t)
@@ -328,7 +305,7 @@ def _named_run(desc):
         raise
 
 
-def _overshoot(result):
+def overshoot_note(result):
     """A note for a run's log line when some rho_l * Lt exceeded 1 (the skip connection went negative)."""
     r = result.max_rho_Lt
     return "  [max rho_l*Lt = %.3g > 1: negative skip connection]" % r if r > 1.0 else ""
@@ -351,8 +328,8 @@ def layer_stats(model, x, gamma0=1e-2, *, top=None):
     (:func:`leakycuda.diagnostics.centred_spectra`); sv_w_centred [L][k] and weight_mean [L]: W_l with the
     direction of its mean output split off (:func:`leakycuda.diagnostics.weight_mean_split`).
     """
-    from .diagnostics import centred_spectra, weight_mean_split
-    from .energies import energies
+    from ..diagnostics import centred_spectra, weight_mean_split
+    from ..energies import energies
 
     xs = model.representations(x).detach().double()
     rho = model.rho.detach().double()
@@ -439,12 +416,12 @@ def layer_table(report):
     return "\n".join(legend + [""] + lines)
 
 
-def _final(result):
+def final_losses(result):
     f = result.final
     return {k: f[k] for k in ("loss", "train_mse", "reg", "test_mse")}
 
 
-def _train(cfg, seed, *, start, device, dtype, progress, desc, history_path=None):
+def train_and_refine(cfg, seed, *, start, device, dtype, progress, desc, history_path=None):
     """train_run (warm-started from ``start`` when given), then cfg.refine_steps of L-BFGS refinement;
     returns (model, task, result, extra) with extra = {"warm_start": bool, "refine": dict or None}."""
     model, task, result = train_run(cfg, seed, device=device, dtype=dtype, progress=progress, desc=desc,
@@ -463,282 +440,25 @@ def _refined(model, task, cfg, warm):
     return extra
 
 
-def _convergence(model, task, lam):
+def convergence_summary(model, task, lam):
     """The run's :class:`leakycuda.diagnostics.Convergence` on the training set, as a plain dict."""
-    from .diagnostics import convergence
+    from ..diagnostics import convergence
 
-    return _floats(convergence(model, task.x_train, task.y_train, lam))
+    return plain_floats(convergence(model, task.x_train, task.y_train, lam))
 
 
-def _floats(report):
+def plain_floats(report):
     """A diagnostics dataclass as a dict of floats and lists of floats (non-finite ones kept as floats: the result
     files write them as null, leakycuda._json's convention, rather than as to_dict's "inf" / "nan" strings)."""
     return {f.name: (v.tolist() if isinstance(v, torch.Tensor) else v)
             for f in dataclasses.fields(report) for v in [getattr(report, f.name)]}
 
 
-def _dump(obj, path):
+def dump_json(obj, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return _json.dump(obj, path, indent=1)
 
 
-def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progress=None, log=print):
-    """Trains the demo model, prints the per-layer table and the rank estimate, writes PNGs and JSON to ``out``."""
-    from .diagnostics import analyze
-
-    seed = check.integer(seed, "seed", low=0)
-    cfg, out, _, device, dtype, _ = check_run(cfg, out, seeds=[seed], device=device, dtype=dtype)
-    os.makedirs(out, exist_ok=True)
-    t0 = time.perf_counter()
-    log("leakycuda demo: task 30 -> %s -> 30 (k* = %d), %d training points; LeakyResNet width %d, L = %d, "
-        "Lt = %g, lam = %g, init %s; %d Adam + %d SGD steps on %s"
-        % (" -> ".join(map(str, cfg.inner)), min(cfg.inner), cfg.n_train, cfg.width, cfg.depth, cfg.Lt, cfg.lam,
-           cfg.resolved_init(), cfg.adam_steps, cfg.sgd_steps, device))
-    model, task, result, extra = _train(cfg, seed, start=None, device=device, dtype=dtype, progress=progress,
-                                        desc="demo", history_path=os.path.join(out, "history.json"))
-    t_train = time.perf_counter() - t0
-    fin = _final(result)
-    log("trained in %.1f s: train MSE %.4g, test MSE %.4g, regularization %.4g%s"
-        % (t_train, fin["train_mse"], fin["test_mse"], fin["reg"], _overshoot(result)))
-    report = analyze(model, task.x_train, task.y_train, cfg.lam, gamma0=cfg.gamma0)
-    stats = layer_stats(model, task.x_train, cfg.gamma0)
-    summary = rank_summary(stats)
-    log("")
-    log(layer_table(report))
-    log("")
-    log("bottleneck rank estimate: %s   (median_l -2H/Lt = %.3f <= k* <= min_l COI_gamma = %.3f at layer %d; "
-        "teacher's k* = %d)" % (summary["rank"], summary["rank_median"], summary["coi_min"],
-                                summary["coi_argmin_layer"], task.rank))
-    if summary["bracket_integers"] == 0:
-        log("  no integer lies in that bracket (the two estimates have not met k* yet); the nearest one is shown")
-    elif summary["bracket_integers"] > 1:
-        log("  the bracket holds %d integers: train longer or raise Lt to tighten it" % summary["bracket_integers"])
-    files = plot_demo({"config": dataclasses.asdict(cfg), "task": task.describe(), "layers": stats}, result.history, out)
-    files.update(history=os.path.join(out, "history.json"), history_csv=os.path.join(out, "history.csv"))
-    files["json"] = os.path.join(out, "demo.json")
-    _dump({"config": dataclasses.asdict(cfg), "seed": seed, "task": task.describe(), "machine": machine_info(device),
-           "train_seconds": t_train, "final": fin, "summary": summary, "layers": stats,
-           "convergence": _convergence(model, task, cfg.lam), "refine": extra["refine"],
-           "diagnostics": _floats(report), "files": _names(files)}, files["json"])
-    log("")
-    log("wrote %s" % ", ".join(files[k] for k in ("spectra", "energies", "history_plot", "history", "history_csv",
-                                                   "json")))
-    log("total %.1f s" % (time.perf_counter() - t0))
-    return {"summary": summary, "final": fin, "files": files, "layers": stats}
-
-
-def _names(files):
+def file_names(files):
     """File names relative to the output folder (the JSON stays valid when the folder moves)."""
     return {k: os.path.basename(v) for k, v in files.items()}
-
-
-def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,), Lts=None, overrides=None,
-             progress=None, log=print, sequential=False):
-    """Fig. 1a: sweep Lt at L = 20 on the 30 -> 3 -> 30 task; rank estimates and min COI against Lt.
-
-    Writes ``fig1.json`` (config, machine, per run: final losses, rank summary and per-layer stats) and
-    ``fig1a.png`` (plus ``fig1b_Lt<max>.png``, the spectra of the largest Lt, seed 0) to ``out``.
-    Every Lt x seed trains at once as one ensemble (:func:`train_runs`; with continuation in Lt, one
-    ensemble of the cold starts, then one of the seeds per warm-started Lt); ``sequential=True``
-    trains them one at a time (the same numbers up to float rounding).
-    """
-    preset = FIG1["quick" if quick else "paper"]
-    cfg = dataclasses.replace(preset["config"], **(overrides or {}))
-    cfg, out, seeds, device, dtype, sweep = check_run(cfg, out, seeds=seeds, device=device, dtype=dtype,
-                                                      Lts=preset["Lts"] if Lts is None else Lts)
-    Lts = sweep["Lts"]
-    t0 = time.perf_counter()
-    plan, previous = [], {}
-    for Lt in Lts:
-        for seed in seeds:
-            c = dataclasses.replace(cfg, Lt=Lt)
-            start = previous.get(seed) if Lt >= c.continue_above else None  # warm start from the previous Lt
-            previous[seed] = len(plan)
-            plan.append((c, seed, "fig1 Lt=%g seed=%d" % (Lt, seed), start))
-    runs, order = [], []
-
-    def done(i, model, task, result, extra, seconds):
-        (c, seed, _, start), t = plan[i], time.perf_counter()
-        stats = layer_stats(model, task.x_train, c.gamma0, top=20)
-        summary = rank_summary(stats)
-        order.append(i)
-        runs.append({"Lt": c.Lt, "seed": seed, "init": "warm start" if start is not None else c.resolved_init(),
-                     "seconds": seconds + time.perf_counter() - t, "final": _final(result),
-                     "max_rho_Lt": result.max_rho_Lt, "summary": summary, "layers": stats,
-                     "convergence": _convergence(model, task, c.lam), **extra})
-        log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  "
-            "stationarity %.2g  (%.0f s)%s"
-            % (c.Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
-               summary["rank_max"], summary["coi_min"], runs[-1]["convergence"]["stationarity_max"],
-               runs[-1]["seconds"], _overshoot(result)))
-
-    train_runs(plan, done, device=device, dtype=dtype, progress=progress, sequential=sequential)
-    runs[:] = [r for _, r in sorted(zip(order, runs), key=lambda p: p[0])]  # plan order (Lt, then seed)
-    data = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
-            "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs}
-    files = plot_fig1(data, out)
-    files["json"] = os.path.join(out, "fig1.json")
-    data["files"] = _names(files)
-    _dump(data, files["json"])
-    log("fig1: wrote %s (%.0f s)" % (", ".join(files.values()), time.perf_counter() - t0))
-    return {"runs": runs, "files": files}
-
-
-def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,), depths=None, schemes=None,
-             overrides=None, progress=None, log=print, sequential=False, pad_depths=False):
-    """Fig. 2: Lt = 3 on the 30 -> 6 -> 3 -> 30 ResNet task; test error against L for each step scheme
-    (``fig2a.png``) and the weight spectra across p with the layer positions marked at the largest L
-    (``fig2b.png``); everything in ``fig2.json`` under ``out``.
-
-    Per depth, every scheme x seed trains at once as one ensemble (:func:`train_runs`; with
-    ``pad_depths`` every run in a single ensemble, the shallower ones padded with identity layers);
-    ``sequential=True`` trains them one at a time (the same numbers up to float rounding)."""
-    preset = FIG2["quick" if quick else "paper"]
-    cfg = dataclasses.replace(preset["config"], **(overrides or {}))
-    cfg, out, seeds, device, dtype, sweep = check_run(
-        cfg, out, seeds=seeds, device=device, dtype=dtype, a=preset["a"],
-        depths=preset["depths"] if depths is None else depths,
-        schemes=preset["schemes"] if schemes is None else schemes)
-    depths, schemes = sweep["depths"], sweep["schemes"]
-    t0 = time.perf_counter()
-    plan = [(dataclasses.replace(cfg, depth=L, steps=scheme, a=preset["a"] if scheme == "irregular" else 0.0), seed,
-             "fig2 %s L=%d seed=%d" % (scheme, L, seed), None) for scheme in schemes for L in depths for seed in seeds]
-    runs, order = [], []
-
-    def done(i, model, task, result, extra, seconds):
-        (c, seed, _, _), t = plan[i], time.perf_counter()
-        stats = layer_stats(model, task.x_train, c.gamma0, top=20)
-        order.append(i)
-        runs.append({"scheme": c.steps, "L": c.depth, "seed": seed, "seconds": seconds + time.perf_counter() - t,
-                     "final": _final(result), "max_rho_Lt": result.max_rho_Lt,
-                     "summary": rank_summary(stats), "layers": stats,
-                     "convergence": _convergence(model, task, c.lam), **extra})
-        log("fig2 %-11s L=%-3d seed=%d  test MSE %.4g  train MSE %.4g  stationarity %.2g  (%.0f s)%s"
-            % (c.steps, c.depth, seed, result.final["test_mse"], result.final["train_mse"],
-               runs[-1]["convergence"]["stationarity_max"], runs[-1]["seconds"], _overshoot(result)))
-
-    train_runs(plan, done, device=device, dtype=dtype, progress=progress, sequential=sequential, pad_depths=pad_depths)
-    runs[:] = [r for _, r in sorted(zip(order, runs), key=lambda p: p[0])]  # plan order (scheme, L, seed)
-    data = {"figure": "fig2", "quick": quick, "config": dataclasses.asdict(cfg), "depths": list(depths),
-            "schemes": list(schemes), "a": preset["a"], "seeds": seeds, "machine": machine_info(device),
-            "seconds": time.perf_counter() - t0, "runs": runs,
-            "test_mse": {s: [[r["final"]["test_mse"] for r in runs if r["scheme"] == s and r["L"] == L]
-                             for L in depths] for s in schemes}}
-    files = plot_fig2(data, out)
-    files["json"] = os.path.join(out, "fig2.json")
-    data["files"] = _names(files)
-    _dump(data, files["json"])
-    log("fig2: wrote %s (%.0f s)" % (", ".join(files.values()), time.perf_counter() - t0))
-    return {"runs": runs, "files": files}
-
-
-def plot_fig1(data, out):
-    """The Fig. 1 PNGs from a fig1.json dict: fig1a.png, and the spectra and energies of the largest Lt (first seed)."""
-    runs, Lts, k = data["runs"], data["Lts"], min(data["config"]["inner"])
-    grid = lambda key: [[r["summary"][key] for r in runs if r["Lt"] == Lt] for Lt in Lts]  # noqa: E731
-    first = next((r for r in runs if r.get("init") in ("identity", "warm start")), None)
-    files = {"fig1a": plots.plot_fig1a(Lts, grid("rank_median"), grid("rank_min"), grid("rank_max"), grid("coi_min"),
-                                       os.path.join(out, "fig1a.png"), k_star=k,
-                                       init_switch=first and first["Lt"],
-                                       init_label="identity init" if first is None or first["init"] == "identity"
-                                       else "warm start from the previous Lt", depth=data["config"]["depth"])}
-    last = [r for r in runs if r["Lt"] == Lts[-1]][0]
-    stats, Lt, L = last["layers"], last["Lt"], data["config"]["depth"]
-    files["fig1b"] = plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
-                                        os.path.join(out, "fig1b_Lt%g.png" % Lt), rank=k,
-                                        title="Lt = %g, L = %d" % (Lt, L))
-    files["fig1c"] = plots.plot_energies(stats["p_mid"], stats["kinetic"], stats["potential"], stats["hamiltonian"],
-                                         os.path.join(out, "fig1c_Lt%g.png" % Lt), title="Lt = %g" % Lt)
-    return files
-
-
-def plot_fig2(data, out):
-    """The Fig. 2 PNGs from a fig2.json dict: fig2a.png (test MSE against L), fig2b.png (weight spectra, largest L)."""
-    depths, schemes, k = data["depths"], data["schemes"], min(data["config"]["inner"])
-    spectra = {}
-    for s in schemes:
-        r = [r for r in data["runs"] if r["scheme"] == s and r["L"] == depths[-1]][0]
-        spectra[s] = (r["layers"]["p_mid"], r["layers"]["sv_w"], r["layers"]["p"])
-    return {"fig2a": plots.plot_fig2a(depths, data["test_mse"], os.path.join(out, "fig2a.png")),
-            "fig2b": plots.plot_fig2b(spectra, os.path.join(out, "fig2b.png"), rank=k)}
-
-
-def plot_demo(data, history, out):
-    """The demo's PNGs from a demo.json dict and its history records: spectra.png, energies.png, history.png."""
-    cfg, stats, k = data["config"], data["layers"], data["task"]["rank"]
-    return {
-        "spectra": plots.plot_spectra(stats["p"], stats["sv_x"], stats["p_mid"], stats["sv_w"],
-                                      os.path.join(out, "spectra.png"), rank=k,
-                                      title="Lt = %g, L = %d: singular values across depth" % (cfg["Lt"], cfg["depth"])),
-        "energies": plots.plot_energies(stats["p_mid"], stats["kinetic"], stats["potential"], stats["hamiltonian"],
-                                        os.path.join(out, "energies.png"), title="Lt = %g" % cfg["Lt"]),
-        "history_plot": plots.plot_history(history, os.path.join(out, "history.png"),
-                                           title="demo training: Lt = %g, L = %d, lam = %g"
-                                           % (cfg["Lt"], cfg["depth"], cfg["lam"]),
-                                           switch=cfg["adam_steps"] if cfg["adam_steps"] and cfg["sgd_steps"] else None),
-    }
-
-
-# --- reading a result file back (replot) ---------------------------------------------------------------------------
-
-
-def _read_json(path, name, expect):
-    """The JSON in the file ``path`` (the argument ``name``), which should be ``expect``: a missing file, a folder or
-    text that is not JSON is refused naming the file (FileNotFoundError / ValueError)."""
-    if not os.path.exists(path):
-        check.fail(FileNotFoundError, name, expect, "%r, which does not exist" % path)
-    if os.path.isdir(path):
-        check.fail(ValueError, name, expect, "%r, which is a folder" % path)
-    try:
-        return _json.load(path)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        check.fail(ValueError, name, expect, "%r, which is not valid JSON (%s; truncated?)" % (path, e))
-
-
-@contextlib.contextmanager
-def _schema(path, name, expect, data=None, keys=()):
-    """Checks that the dict ``data`` read from ``path`` has the fields ``keys``, then runs the body (which reads
-    them), turning a KeyError / IndexError / TypeError there into a ValueError naming the file."""
-    if data is not None:
-        missing = [k for k in keys if k not in data]
-        if missing:
-            check.fail(ValueError, name, expect, "%r, which has no field %s" % (path, ", ".join(map(repr, missing))))
-    try:
-        yield
-    except (KeyError, IndexError, TypeError) as e:
-        check.fail(ValueError, name, expect, "%r, whose fields do not match (%s: %s)" % (path, type(e).__name__, e))
-
-
-def _replot_paths(json_path, out):
-    """replot's json_path and out, checked before anything is read or drawn: (json_path, out folder)."""
-    if isinstance(json_path, bytes) or not isinstance(json_path, (str, os.PathLike)):
-        check.fail(TypeError, "json_path", "a path (str or os.PathLike) to a result JSON", repr(json_path))
-    json_path = os.fspath(json_path)
-    out = os.path.dirname(os.path.abspath(json_path)) if out is None else out
-    return json_path, check.writable_path(out, "out", folder=True)
-
-
-#: The fields each result file needs for replot.
-_FIELDS = {"fig1": ("config", "Lts", "runs"), "fig2": ("config", "depths", "schemes", "runs", "test_mse"),
-           "demo": ("config", "layers", "task")}
-
-
-def replot(json_path, out=None):
-    """Redraws the PNGs of a run from its fig1.json, fig2.json or demo.json (with the history.json beside it)
-    into ``out`` (default: beside the JSON; a folder). A missing, truncated or non-JSON file, or one of
-    another schema, is refused naming it (FileNotFoundError / ValueError)."""
-    json_path, out = _replot_paths(json_path, out)
-    expect = "a fig1.json, fig2.json or demo.json written by leakycuda"
-    data = _read_json(json_path, "json_path", expect)
-    here = os.path.dirname(os.path.abspath(json_path))
-    if not isinstance(data, dict) or not ("layers" in data or data.get("figure") in ("fig1", "fig2")):
-        check.fail(ValueError, "json_path", expect, "%r, which is none of them" % json_path)
-    kind = data.get("figure", "demo")
-    with _schema(json_path, "json_path", expect, data, _FIELDS[kind]):
-        if kind == "demo":
-            files = data.get("files", {})
-            history = os.path.join(here, files.get("history", "history.json") if isinstance(files, dict)
-                                   else "history.json")
-            records = _read_json(history, "json_path", "a demo.json with the history.json it names beside it")
-            return plot_demo(data, records, out)
-        return (plot_fig1 if kind == "fig1" else plot_fig2)(data, out)
