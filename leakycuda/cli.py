@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-# Settings of experiments.RunConfig and run_*() that a flag sets, where the names differ.
+# Settings of leakycuda.experiments.sweep.RunConfig and run_*() that a flag sets, where the names differ.
 _FLAG_OF = {"adam_steps": "--steps", "adam_lr": "--lr"}
 # A value that starts with "-" but is a number ("-1e-3", "-.5", "-inf"): argparse would take it for a flag.
 _NEGATIVE = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
@@ -111,24 +111,25 @@ def _dtype(name):
 
 def _prepare_demo(args, parser):
     """The demo's checked settings, before anything runs: (cfg, out, seed, device, dtype)."""
-    from . import _validate, experiments
+    from . import _validate
+    from .experiments import demo, sweep
 
     over = _overrides(args)
     if args.Lt is not None:
         over["Lt"] = args.Lt
     if args.depth is not None:
         over["depth"] = args.depth
-    cfg = dataclasses.replace(experiments.DEMO, **over)
+    cfg = dataclasses.replace(demo.DEMO, **over)
     out = os.path.join("leakycuda_out", "demo") if args.out is None else args.out
     seed = _checked(parser, _validate.integer, args.seed, "seed", low=0)
-    cfg, out, _, device, dtype, _ = _checked(parser, experiments.check_run, cfg, out, seeds=[seed],
+    cfg, out, _, device, dtype, _ = _checked(parser, sweep.check_run, cfg, out, seeds=[seed],
                                              device=args.device, dtype=_dtype(args.dtype))
     return cfg, out, seed, device, dtype
 
 
 def _prepare_related(args, parser):
-    """reproduce <related experiment>'s checked settings: (out, keyword arguments of its run function)."""
-    from . import _validate, experiments
+    """reproduce <preset experiment>'s checked settings: (out, keyword arguments of its run function)."""
+    from . import _validate
 
     figure_only = ("Lts", "depths", "schemes", "continue_above", "continue_steps", "steps", "sgd_steps", "lr",
                    "sgd_lr", "lam", "width", "n_train", "n_test", "init", "gamma0", "refine_steps", "refine_target")
@@ -157,8 +158,10 @@ def _prepare_related(args, parser):
 def _prepare_reproduce(args, parser):
     """reproduce's checked settings, before anything runs: (out, keyword arguments of the figure's run function)."""
     from . import experiments
+    from .experiments import fig1, fig2
+    from .experiments.sweep import check_run
 
-    if args.figure not in ("fig1", "fig2"):
+    if experiments.get(args.figure).kind != "sweep":
         return _prepare_related(args, parser)
     args.dtype = args.dtype or "float32"
     other = {"fig1": ("depths", "schemes"), "fig2": ("Lts", "continue_above", "continue_steps")}[args.figure]
@@ -171,11 +174,11 @@ def _prepare_reproduce(args, parser):
     if args.pad_depths and args.sequential:
         parser.error("argument --pad-depths: not allowed with --sequential (it pads the depths of one batched "
                      "ensemble; --sequential trains one run at a time)")
-    preset = (experiments.FIG1 if args.figure == "fig1" else experiments.FIG2)["quick" if args.quick else "paper"]
+    preset = (fig1.FIG1 if args.figure == "fig1" else fig2.FIG2)["quick" if args.quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **_overrides(args))
     out = os.path.join("leakycuda_out", args.figure) if args.out is None else args.out
     sweep = {"Lts": args.Lts} if args.figure == "fig1" else {"depths": args.depths, "schemes": args.schemes}
-    _, out, seeds, device, dtype, _ = _checked(parser, experiments.check_run, cfg, out, seeds=args.seeds,
+    _, out, seeds, device, dtype, _ = _checked(parser, check_run, cfg, out, seeds=args.seeds,
                                                device=args.device, dtype=_dtype(args.dtype), a=preset.get("a"),
                                                **sweep)
     kw = dict(quick=args.quick, device=device, dtype=dtype, seeds=seeds, overrides=_overrides(args),
@@ -189,27 +192,25 @@ def _cmd_demo(args, prepared):
     from . import experiments
 
     cfg, out, seed, device, dtype = prepared
-    experiments.run_demo(out, device=device, dtype=dtype, cfg=cfg, seed=seed,
+    experiments.get("demo").run(out, device=device, dtype=dtype, cfg=cfg, seed=seed,
                          progress=False if args.no_progress else None)
     print("results in %s" % os.path.abspath(out))
     return 0
 
 
 def _cmd_reproduce(args, prepared):
-    from . import experiments, related
+    from . import experiments
 
     out, kw = prepared
-    if args.figure in related.EXPERIMENTS:
-        related.EXPERIMENTS[args.figure]["run"](out, **kw)
-    else:
-        (experiments.run_fig1 if args.figure == "fig1" else experiments.run_fig2)(out, **kw)
+    experiments.get(args.figure).run(out, **kw)
     print("results in %s" % os.path.abspath(out))
     return 0
 
 
 def _bench_dir():
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(here, "bench")
+    """The repository's bench/ folder when the command runs in a clone (the current folder has it), else None:
+    the installed package does not look outside itself."""
+    path = os.path.join(os.getcwd(), "bench")
     return path if os.path.isfile(os.path.join(path, "bench_stack.py")) else None
 
 
@@ -257,30 +258,32 @@ def _prepare_bench(args, parser):
         _checked(parser, _validate.integer, args.repeats, "repeats", low=1)
     if args.dtype in ("float16", "bfloat16") and device.type != "cuda":
         parser.error("argument --dtype: %s runs on CUDA only, got --device %s" % (args.dtype, args.device))
+    # Every value is checked first, whether or not bench/bench_stack.py then runs.
+    extra = []
+    if args.quick:
+        extra += ["--quick"]
+    if args.out is not None:
+        extra += ["--out", _checked(parser, _validate.writable_path, args.out, "out", folder=False)]
+    if args.Lt is not None:
+        extra += ["--Lt", repr(_checked(parser, _validate.real, args.Lt, "Lt", low=0.0))]
+    if args.variants is not None:
+        variants = _checked(parser, _validate.distinct, args.variants, "variants",
+                            lambda v, n: _validate.choice(v, n, BENCH_VARIANTS), sort=False)
+        extra += ["--variants", ",".join(variants)]
     folder = _bench_dir()
     passed = [f for f in ("quick", "out", "Lt", "variants") if getattr(args, f) not in (None, False)]
     if args.builtin or folder is None:
         if passed:
             parser.error("argument --%s: applies to bench/bench_stack.py, which %s" % (
-                passed[0], "--builtin does not run" if args.builtin else "this installed copy does not have "
-                "(run from a clone of the repository)"))
+                passed[0], "--builtin does not run" if args.builtin else "is not in the current folder "
+                "(run from the root of a clone of the repository)"))
         if args.dtype in ("float16", "bfloat16"):
             parser.error("argument --dtype: the built-in timing runs float32 or float64, got %s" % args.dtype)
         return None, device, getattr(torch, args.dtype)
     cmd = [sys.executable, os.path.join(folder, "bench_stack.py"), "--device", args.device, "--dtype", args.dtype]
     if args.repeats is not None:
         cmd += ["--repeats", str(args.repeats)]
-    if args.quick:
-        cmd += ["--quick"]
-    if args.out is not None:
-        cmd += ["--out", _checked(parser, _validate.writable_path, args.out, "out", folder=False)]
-    if args.Lt is not None:
-        cmd += ["--Lt", repr(_checked(parser, _validate.real, args.Lt, "Lt", low=0.0))]
-    if args.variants is not None:
-        variants = _checked(parser, _validate.distinct, args.variants, "variants",
-                            lambda v, n: _validate.choice(v, n, BENCH_VARIANTS), sort=False)
-        cmd += ["--variants", ",".join(variants)]
-    return cmd, device, getattr(torch, args.dtype)
+    return cmd + extra, device, getattr(torch, args.dtype)
 
 
 def _cmd_bench(args, prepared):
@@ -383,13 +386,13 @@ def build_parser():
     _add_run_options(d, "width 64, 500 points, 5000 Adam + 1000 SGD steps, lam 1e-2")
     d.set_defaults(func=_cmd_demo, prepare=_prepare_demo)
 
-    from .related import EXPERIMENTS
+    from . import experiments
 
-    r = sub.add_parser("reproduce", help="the paper's Figure 1 (sweep Lt) or Figure 2 (sweep L and step schemes), "
-                                         "or a related experiment: %s" % ", ".join(EXPERIMENTS),
-                       epilog="; ".join("%s: %s" % (name, e["help"]) for name, e in EXPERIMENTS.items()))
-    r.add_argument("figure", choices=("fig1", "fig2") + tuple(EXPERIMENTS), metavar="experiment",
-                   help="fig1, fig2, %s" % ", ".join(EXPERIMENTS))
+    names = [n for n, e in experiments.experiments().items() if e.kind != "demo"]
+    r = sub.add_parser("reproduce", help="an experiment: the paper's Figure 1 (sweep Lt) or Figure 2 (sweep L and "
+                                         "step schemes), or a related-paper one: %s" % ", ".join(names),
+                       epilog="; ".join("%s: %s" % (n, experiments.get(n).help) for n in names))
+    r.add_argument("figure", choices=names, metavar="experiment", help=", ".join(names))
     r.add_argument("--quick", action="store_true", help="tiny settings that finish in minutes on a CPU")
     r.add_argument("--device", default="cpu", help=_device_help())
     r.add_argument("--dtype", choices=("float32", "float64"),
@@ -412,7 +415,8 @@ def build_parser():
     _add_run_options(r, "the paper's: width 100, 1000 points, 5000 Adam + 1000 SGD steps, lam 1e-2")
     r.set_defaults(func=_cmd_reproduce, prepare=_prepare_reproduce)
 
-    b = sub.add_parser("bench", help="run bench/bench_stack.py when present, else a short built-in timing")
+    b = sub.add_parser("bench", help="run bench/bench_stack.py when the current folder is a clone, else a short "
+                                     "built-in timing")
     b.add_argument("--builtin", action="store_true", help="the built-in timing even when bench/ is present")
     b.add_argument("--device", default="cpu", help=_device_help())
     b.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"),

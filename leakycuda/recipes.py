@@ -192,30 +192,29 @@ def _refine(model, task, lam, home, iterations, target, check_every, params, pre
     return RefineResult(history, done, evals[0], time.perf_counter() - t0, reached)
 
 
-def warm_start(start, cfg, task):
-    """The untrained part of :func:`continue_run`: a copy of ``start`` moved to ``cfg.Lt`` by
-    :func:`shift_effective_depth` on ``task.x_train`` (ridge ``cfg.continue_gamma0``); returns (model, shift)."""
+def warm_start(start, task, Lt, *, gamma0=DEFAULT_SHIFT_GAMMA0):
+    """The untrained part of :func:`continue_run`: a copy of ``start`` moved to effective depth ``Lt`` by
+    :func:`shift_effective_depth` on ``task.x_train`` (ridge ``gamma0``); returns (model, shift)."""
     model = copy.deepcopy(start)
     p = next(model.parameters())
-    shift = shift_effective_depth(model, task.x_train.to(device=p.device, dtype=p.dtype), cfg.Lt,
-                                  gamma0=cfg.continue_gamma0)
+    shift = shift_effective_depth(model, task.x_train.to(device=p.device, dtype=p.dtype), Lt, gamma0=gamma0)
     return model, shift
 
 
-def continue_run(start, cfg, task, *, progress=None, desc=None):
-    """Warm start: trains a copy of ``start`` (a trained :class:`~leakycuda.LeakyResNet`, any Lt) at ``cfg.Lt``.
+def continue_run(start, task, lam, *, Lt, gamma0=DEFAULT_SHIFT_GAMMA0, adam_steps=3000, adam_lr=1e-3,
+                 sgd_steps=1000, sgd_lr=1e-3, adapt_every=50, progress=None, desc=None):
+    """Warm start: trains a copy of ``start`` (a trained :class:`~leakycuda.LeakyResNet`, any Lt) at ``Lt``.
 
-    The copy is moved to ``cfg.Lt`` by :func:`shift_effective_depth` on ``task.x_train`` (ridge
-    ``cfg.continue_gamma0``), then trained by :func:`leakycuda.train.fit` with ``cfg.continue_steps`` Adam steps
-    (rate ``cfg.adam_lr``) and ``cfg.sgd_steps`` SGD steps (rate ``cfg.sgd_lr``). ``cfg`` is a
-    :class:`leakycuda.experiments.RunConfig` (or anything with those fields and ``lam``, ``adapt_every``).
+    The copy is moved to ``Lt`` by :func:`shift_effective_depth` on ``task.x_train`` (ridge ``gamma0``), then
+    trained by :func:`leakycuda.train.fit` on ``task`` with regularization ``lam``: ``adam_steps`` Adam steps
+    at ``adam_lr``, then ``sgd_steps`` SGD steps at ``sgd_lr`` (adaptive steps every ``adapt_every``).
     ``start`` is not modified. Returns ``(model, result, shift)``: the new model, fit's
     :class:`~leakycuda.train.FitResult` and the relative output change the shift made before training.
     """
     from .train import fit
 
-    model, shift = warm_start(start, cfg, task)
-    result = fit(model, task, cfg.lam, adam_steps=cfg.continue_steps, adam_lr=cfg.adam_lr, sgd_steps=cfg.sgd_steps,
-                 sgd_lr=cfg.sgd_lr, adapt_every=cfg.adapt_every,
-                 log_every=max(1, (cfg.continue_steps + cfg.sgd_steps) // 50), progress=progress, desc=desc)
+    model, shift = warm_start(start, task, Lt, gamma0=gamma0)
+    result = fit(model, task, lam, adam_steps=adam_steps, adam_lr=adam_lr, sgd_steps=sgd_steps, sgd_lr=sgd_lr,
+                 adapt_every=adapt_every, log_every=max(1, (adam_steps + sgd_steps) // 50), progress=progress,
+                 desc=desc)
     return model, result, shift

@@ -35,6 +35,7 @@ def namespace():
 
     import leakycuda as lc
     from leakycuda import data, diagnostics, experiments, steps, train
+    from leakycuda.experiments import demo, fig1, fig2, sweep
     from leakycuda.module import LeakyResNet
 
     F64 = torch.float64
@@ -61,7 +62,8 @@ def namespace():
         return False
 
     return dict(torch=torch, lc=lc, math=math, types=types, data=data, diagnostics=diagnostics,
-                experiments=experiments, steps=steps, train=train, LeakyResNet=LeakyResNet, F64=F64,
+                experiments=experiments, sweep=sweep, demo=demo, fig1=fig1, fig2=fig2, steps=steps, train=train,
+                LeakyResNet=LeakyResNet, F64=F64,
                 model=model, task=task, fake_task=fake_task, raises=raises, tmp=tempfile.mkdtemp(prefix="battery-"),
                 x0=torch.randn(5, 4, generator=g, dtype=F64), W=torch.randn(3, 4, 5, generator=g, dtype=F64) * 0.3,
                 rho=torch.full((3,), 1 / 3, dtype=F64), xs=torch.randn(4, 6, 3, generator=g, dtype=F64))
@@ -83,7 +85,9 @@ def run_cli(argv, train):
     def started(*args, **kwargs):
         raise TrainingStarted("training or benchmarking started for a command that should have been refused")
 
-    patched = [(experiments, "fit"), (train_module, "fit"), (cli, "_builtin_bench"), (cli.subprocess, "call")]
+    modules = [sys.modules[n] for n in sorted(sys.modules) if n.startswith("leakycuda.experiments.")
+               and hasattr(sys.modules[n], "fit")] if experiments.experiments() else []
+    patched = [(m, "fit") for m in modules] + [(train_module, "fit"), (cli, "_builtin_bench"), (cli.subprocess, "call")]
     saved = [getattr(m, n) for m, n in patched]
     folder, here = tempfile.mkdtemp(prefix="battery-cli-"), os.getcwd()
     os.chdir(folder)

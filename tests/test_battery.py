@@ -412,26 +412,26 @@ DIAGNOSTICS = [
 ]
 
 EXPERIMENTS = [
-    bad("runconfig-lam-negative", "experiments.RunConfig(lam=-5.0).check()", "ValueError", "lam"),
-    bad("runconfig-gamma0-negative", "experiments.RunConfig(gamma0=-1.0).check()", "ValueError", "gamma0"),
-    bad("runconfig-Lt-0", "experiments.RunConfig(Lt=0.0).check()", "ValueError", "Lt"),
-    bad("runconfig-Lt-unstable", "experiments.RunConfig(Lt=1e6).check()", "ValueError", "Lt", "<= 40",
+    bad("runconfig-lam-negative", "sweep.RunConfig(lam=-5.0).check()", "ValueError", "lam"),
+    bad("runconfig-gamma0-negative", "sweep.RunConfig(gamma0=-1.0).check()", "ValueError", "gamma0"),
+    bad("runconfig-Lt-0", "sweep.RunConfig(Lt=0.0).check()", "ValueError", "Lt"),
+    bad("runconfig-Lt-unstable", "sweep.RunConfig(Lt=1e6).check()", "ValueError", "Lt", "<= 40",
         "stable range", "5e+04"),
-    bad("run-fig1-Lt-unstable", "experiments.run_fig1(tmp, Lts=[2.0, 50.0])", "ValueError", "Lts", "<= 40"),
-    bad("run-fig2-depth-unstable", "experiments.run_fig2(tmp, depths=[1, 4])", "ValueError", "depths", "L >= 2"),
-    bad("runconfig-width-string", "experiments.RunConfig(width='64').check()", "TypeError", "width"),
-    bad("runconfig-inner-wider-than-d", "experiments.RunConfig(inner=(40,)).check()", "ValueError", "inner"),
+    bad("run-fig1-Lt-unstable", "fig1.run_fig1(tmp, Lts=[2.0, 50.0])", "ValueError", "Lts", "<= 40"),
+    bad("run-fig2-depth-unstable", "fig2.run_fig2(tmp, depths=[1, 4])", "ValueError", "depths", "L >= 2"),
+    bad("runconfig-width-string", "sweep.RunConfig(width='64').check()", "TypeError", "width"),
+    bad("runconfig-inner-wider-than-d", "sweep.RunConfig(inner=(40,)).check()", "ValueError", "inner"),
     bad("replot-not-a-result", "import json, os\np = os.path.join(tmp, 'x.json'); json.dump({'a': 1}, open(p, 'w'))\n"
         "experiments.replot(p)", "ValueError", "json_path", "x.json"),
-    bad("run-demo-unwritable-out", "experiments.run_demo('/proc/leakycuda_out')", "ValueError", "out"),
-    bad("run-demo-seed-negative", "experiments.run_demo(tmp, seed=-1)", "ValueError", "seed"),
-    bad("run-fig1-no-Lts", "experiments.run_fig1(tmp, Lts=[])", "ValueError", "Lts"),
-    bad("run-fig1-Lt-0", "experiments.run_fig1(tmp, Lts=[0.0, 1.0])", "ValueError", "Lts"),
-    bad("run-fig1-seeds-duplicate", "experiments.run_fig1(tmp, seeds=[1, 1])", "ValueError", "seeds"),
-    bad("run-fig1-device", "experiments.run_fig1(tmp, device='gpu')", "ValueError", "device"),
-    bad("run-fig2-scheme", "experiments.run_fig2(tmp, schemes=['log'])", "ValueError", "schemes", "'log'"),
-    bad("run-fig2-depth-0", "experiments.run_fig2(tmp, depths=[0, 4])", "ValueError", "depths"),
-    bad("run-fig2-dtype", "experiments.run_fig2(tmp, dtype=torch.int32)", "TypeError", "dtype"),
+    bad("run-demo-unwritable-out", "demo.run_demo('/proc/leakycuda_out')", "ValueError", "out"),
+    bad("run-demo-seed-negative", "demo.run_demo(tmp, seed=-1)", "ValueError", "seed"),
+    bad("run-fig1-no-Lts", "fig1.run_fig1(tmp, Lts=[])", "ValueError", "Lts"),
+    bad("run-fig1-Lt-0", "fig1.run_fig1(tmp, Lts=[0.0, 1.0])", "ValueError", "Lts"),
+    bad("run-fig1-seeds-duplicate", "fig1.run_fig1(tmp, seeds=[1, 1])", "ValueError", "seeds"),
+    bad("run-fig1-device", "fig1.run_fig1(tmp, device='gpu')", "ValueError", "device"),
+    bad("run-fig2-scheme", "fig2.run_fig2(tmp, schemes=['log'])", "ValueError", "schemes", "'log'"),
+    bad("run-fig2-depth-0", "fig2.run_fig2(tmp, depths=[0, 4])", "ValueError", "depths"),
+    bad("run-fig2-dtype", "fig2.run_fig2(tmp, dtype=torch.int32)", "TypeError", "dtype"),
 ]
 
 CLI = [

@@ -56,7 +56,7 @@ def test_reproduce_fig1_quick(tmp_path, capsys):
     for name in ("fig1a.png", "fig1b_Lt3.png", "fig1c_Lt3.png"):
         assert (out / name).stat().st_size > 0
     assert "results in" in capsys.readouterr().out
-    # The tables of docs/results.md come from docs/results/tables.py: one row per Lt, its per-seed values from the JSON.
+    # The tables of docs/results.md come from leakycuda.experiments.tables: one row per Lt, its per-seed values from the JSON.
     table = _tables(out / "fig1.json")
     rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 2 and "%.2f / %.2f" % tuple(r["summary"]["coi_min"] for r in d["runs"] if r["Lt"] == 1.0) \
@@ -64,8 +64,8 @@ def test_reproduce_fig1_quick(tmp_path, capsys):
 
 
 def _tables(path):
-    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "docs", "results", "tables.py"),
-                        str(path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "leakycuda.experiments.tables", str(path)], capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -102,7 +102,7 @@ def test_reproduce_fig2_pad_depths(tmp_path, capsys):
 
 
 def test_fig2_launches_at_different_depths_merge_into_the_one_launch(tmp_path):
-    """docs/results/merge_fig2.py: fig2 run at L = 4 and at L = 6 separately, merged, gives the runs and the
+    """leakycuda.experiments.merge: fig2 run at L = 4 and at L = 6 separately, merged, gives the runs and the
     test_mse table of one launch at L = 4, 6 (each depth trains as its own ensemble, so the numbers agree).
     One input is rewritten the way files were before strict JSON (continue_above: Infinity); the output is strict."""
     for name, depths in (("a", "4"), ("b", "6"), ("both", "4,6")):
@@ -112,8 +112,8 @@ def test_fig2_launches_at_different_depths_merge_into_the_one_launch(tmp_path):
     assert old["config"]["continue_above"] == math.inf
     (tmp_path / "a" / "fig2.json").write_text(json.dumps(old, indent=1))
     assert '"continue_above": Infinity' in (tmp_path / "a" / "fig2.json").read_text()
-    script = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "merge_fig2.py")
-    r = subprocess.run([sys.executable, script, str(tmp_path / "m"), str(tmp_path / "b" / "fig2.json"),
+    script = ["-m", "leakycuda.experiments.merge"]
+    r = subprocess.run([sys.executable, *script, str(tmp_path / "m"), str(tmp_path / "b" / "fig2.json"),
                         str(tmp_path / "a" / "fig2.json")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "m" / "fig2.json").read_text()
@@ -126,17 +126,20 @@ def test_fig2_launches_at_different_depths_merge_into_the_one_launch(tmp_path):
     assert_same_numbers([run["final"] for run in got["runs"]], [run["final"] for run in ref["runs"]], rel=1e-6)
     assert_same_numbers(got["test_mse"], ref["test_mse"], rel=1e-6)
     assert (tmp_path / "m" / "fig2a.png").stat().st_size > 0
-    r = subprocess.run([sys.executable, script, str(tmp_path / "m2"), str(tmp_path / "a" / "fig2.json"),
+    r = subprocess.run([sys.executable, *script, str(tmp_path / "m2"), str(tmp_path / "a" / "fig2.json"),
                         str(tmp_path / "both" / "fig2.json")], capture_output=True, text=True)
     assert r.returncode == 1 and "share a depth" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["dln-rank", "dln-saddle", "fcnn-bottleneck"])
 def test_reproduce_related_dispatches_its_checked_settings(name, tmp_path, monkeypatch):
-    from leakycuda import related
+    import dataclasses
+
+    from leakycuda.experiments import registry
 
     calls = []
-    monkeypatch.setitem(related.EXPERIMENTS[name], "run", lambda out, **kw: calls.append((out, kw)))
+    spec = registry.get(name)
+    monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(spec, run=lambda out, **kw: calls.append((out, kw))))
     out = tmp_path / name
     assert cli.main(["reproduce", name, "--quick", "--out", str(out), "--seeds", "2", "--no-progress"]) == 0
     (got_out, kw), = calls

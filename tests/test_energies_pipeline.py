@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from leakycuda import diagnostics
-from leakycuda.experiments import RunConfig, layer_stats, rank_summary, run_demo, run_fig1, run_fig2, train_run
+from leakycuda.experiments.demo import run_demo
+from leakycuda.experiments.fig1 import run_fig1
+from leakycuda.experiments.fig2 import run_fig2
+from leakycuda.experiments.sweep import RunConfig, layer_stats, rank_summary, train_run
 from test_energies import GENERIC_ENV, _paths_run
 
 CUDA = torch.cuda.is_available()

@@ -1,5 +1,6 @@
 """Tests of LeakyEnsemble and its fit: members equal single LeakyResNets (init, forward, gradients, training), padding,
 divergence of one member, checkpoints, data parallelism, and the CUDA-graph training step (logic on CPU, CUDA runs)."""
+import dataclasses
 import json
 import os
 import socket
@@ -390,18 +391,18 @@ def _numbers(obj, prefix=""):
 def test_batched_sweep_reports_each_group_when_it_has_trained(monkeypatch):
     """A long batched sweep shows its results as it goes: a group's runs reach done() before the next group
     trains (fig2 at two depths is two groups)."""
-    from leakycuda import experiments
+    from leakycuda.experiments import fig1, fig2, sweep
 
-    events, real = [], experiments._train_group
+    events, real = [], sweep._train_group
 
     def group(runs, index, *args):
         events.append(("train", tuple(index)))
         return real(runs, index, *args)
 
-    monkeypatch.setattr(experiments, "_train_group", group)
-    plan = [(experiments.dataclasses.replace(experiments.FIG2["quick"]["config"], depth=L, adam_steps=2, sgd_steps=0,
+    monkeypatch.setattr(sweep, "_train_group", group)
+    plan = [(dataclasses.replace(fig2.FIG2["quick"]["config"], depth=L, adam_steps=2, sgd_steps=0,
                                              n_train=8, n_test=0, width=4), 0, "run", None) for L in (2, 3)]
-    experiments.train_runs(plan, lambda i, *rest: events.append(("done", i)), dtype=F64, progress=False)
+    sweep.train_runs(plan, lambda i, *rest: events.append(("done", i)), dtype=F64, progress=False)
     assert events == [("train", (0,)), ("done", 0), ("train", (1,)), ("done", 1)]
 
 
@@ -409,9 +410,9 @@ def test_batched_sweep_reports_each_group_when_it_has_trained(monkeypatch):
 def test_reproduce_batched_equals_sequential(tmp_path, figure):
     """The batched sweeps give the sequential JSON (and the same files); fig1-recipe adds issue 11's recipe:
     continuation in Lt (a chain of warm starts per seed) and L-BFGS refinement of every run."""
-    from leakycuda import experiments
+    from leakycuda.experiments import fig1, fig2, sweep
 
-    run = experiments.run_fig2 if figure == "fig2" else experiments.run_fig1
+    run = fig2.run_fig2 if figure == "fig2" else fig1.run_fig1
     kw = dict(quick=True, dtype=F64, seeds=2, overrides=SMALL, progress=False, log=lambda *a: None)
     if figure == "fig1":
         kw.update(Lts=[2.0, 9.0])  # Lt 9: the identity init
@@ -448,18 +449,18 @@ def test_reproduce_batched_equals_sequential(tmp_path, figure):
 
 
 def test_a_diverged_run_stops_the_batched_sweep_as_it_stops_the_sequential_one(tmp_path):
-    from leakycuda import experiments
+    from leakycuda.experiments import fig1, fig2, sweep
 
     kw = dict(quick=True, dtype=F64, seeds=1, Lts=[1.0, 2.0], overrides=dict(SMALL, adam_lr=1e3), progress=False,
               log=lambda *a: None)
     errors = []
     for sequential in (True, False):
         with pytest.raises(DivergenceError) as e:
-            experiments.run_fig1(str(tmp_path / str(sequential)), sequential=sequential, **kw)
+            fig1.run_fig1(str(tmp_path / str(sequential)), sequential=sequential, **kw)
         errors.append(str(e.value))
     assert errors[0].startswith("fig1 Lt=1 seed=0: training diverged") and errors[0] == errors[1]
     with pytest.raises(TypeError, match="sequential"):
-        experiments.run_fig1(str(tmp_path / "x"), sequential="yes", **kw)
+        fig1.run_fig1(str(tmp_path / "x"), sequential="yes", **kw)
 
 
 # -- data parallelism -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from leakycuda import _json, cli, experiments, related
+from leakycuda import _json, cli, experiments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INF, NAN = math.inf, math.nan
@@ -98,11 +98,11 @@ def test_committed_results_redraw(tmp_path):
     for name, json_name in (("fig1", "fig1.json"), ("fig2", "fig2.json"), ("demo", "demo.json")):
         files = experiments.replot(os.path.join(results, name, json_name), str(tmp_path / name))
         assert files and all(os.path.getsize(p) > 0 and p.startswith(str(tmp_path)) for p in files.values())
-    for name in related.EXPERIMENTS:
-        files = related.replot(os.path.join(results, name, name.replace("-", "_") + ".json"), str(tmp_path / name))
+    for name in [n for n, e in experiments.experiments().items() if e.kind == "preset"]:
+        files = experiments.replot(os.path.join(results, name, name.replace("-", "_") + ".json"), str(tmp_path / name))
         assert files and all(os.path.getsize(p) > 0 for p in files.values())
     for name in ("fig1", "fig2"):
-        r = subprocess.run([sys.executable, os.path.join(results, "tables.py"), os.path.join(results, name,
+        r = subprocess.run([sys.executable, "-m", "leakycuda.experiments.tables", os.path.join(results, name,
                             name + ".json")], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.startswith(("Seeds", "Test MSE")), r.stderr
 

@@ -6,6 +6,7 @@ import torch
 
 import leakycuda as lc
 from leakycuda import diagnostics, experiments
+from leakycuda.experiments import fig1, sweep
 
 
 def _model(Lt=2.0, L=6, w=5, N=12, seed=0):
@@ -18,7 +19,7 @@ def _model(Lt=2.0, L=6, w=5, N=12, seed=0):
 
 def test_layer_stats_spectra_and_summary():
     model, x, y = _model()
-    st = experiments.layer_stats(model, x, 1e-2)
+    st = sweep.layer_stats(model, x, 1e-2)
     xs = model.representations(x).detach()
     c = diagnostics.centred_spectra(xs)
     sp = diagnostics.weight_mean_split(model.weight.detach(), xs)
@@ -26,21 +27,21 @@ def test_layer_stats_spectra_and_summary():
     torch.testing.assert_close(torch.tensor(st["mean_share"], dtype=torch.float64), c.mean_share)
     torch.testing.assert_close(torch.tensor(st["sv_w_centred"], dtype=torch.float64), sp.sv)
     torch.testing.assert_close(torch.tensor(st["weight_mean"], dtype=torch.float64), sp.weight_mean)
-    top = experiments.layer_stats(model, x, 1e-2, top=2)
+    top = sweep.layer_stats(model, x, 1e-2, top=2)
     assert all(len(r) == 2 for r in top["sv_x_centred"] + top["sv_w_centred"])
-    s = experiments.rank_summary(st)
+    s = sweep.rank_summary(st)
     mid = c.sv[3]
     assert s["mid_layer"] == 3 and s["sv_x_centred_mid"] == pytest.approx(mid[:6].tolist())
     assert s["centred_count_mid"] == int((mid > 0.1 * mid[0]).sum())
     assert s["mean_share_mid"] == pytest.approx(c.mean_share[3].item())
     # rank_summary still works on stats without the centred spectra (older JSON)
     old = {k: v for k, v in st.items() if k not in ("sv_x_centred", "mean_share")}
-    assert "centred_count_mid" not in experiments.rank_summary(old)
+    assert "centred_count_mid" not in sweep.rank_summary(old)
 
 
 def test_run_json_records_convergence(tmp_path):
     over = dict(n_train=30, n_test=10, width=6, depth=4, adam_steps=5, sgd_steps=2)
-    experiments.run_fig1(str(tmp_path), quick=True, Lts=(2.0,), overrides=over, log=lambda *a: None)
+    fig1.run_fig1(str(tmp_path), quick=True, Lts=(2.0,), overrides=over, log=lambda *a: None)
     run = json.loads((tmp_path / "fig1.json").read_text())["runs"][0]
     assert {"stationarity_max", "stationarity_total", "grad_norm", "scale_slope"} <= set(run["convergence"])
     assert len(run["convergence"]["stationarity"]) == 4 and run["summary"]["centred_count_mid"] >= 1
@@ -147,7 +148,7 @@ def test_refine_preconditioned_and_plain_agree_on_the_problem(precondition):
 def test_continuation_in_a_fig1_sweep(tmp_path):
     over = dict(n_train=30, n_test=10, width=6, depth=4, adam_steps=20, sgd_steps=2, continue_above=3.0,
                 continue_steps=10, refine_steps=4)
-    experiments.run_fig1(str(tmp_path), quick=True, Lts=(2.0, 3.0, 4.0), overrides=over, log=lambda *a: None)
+    fig1.run_fig1(str(tmp_path), quick=True, Lts=(2.0, 3.0, 4.0), overrides=over, log=lambda *a: None)
     runs = json.loads((tmp_path / "fig1.json").read_text())["runs"]
     assert [r["init"] for r in runs] == ["random", "warm start", "warm start"]
     assert [r["warm_start"] for r in runs] == [False, True, True]
@@ -160,7 +161,6 @@ def test_continue_run_leaves_the_start_alone():
     torch.manual_seed(0)
     start = lc.LeakyResNet(4, 4, 6, 4, 2.0)
     W = start.weight.detach().clone()
-    cfg = experiments.RunConfig(Lt=3.0, continue_steps=5, sgd_steps=1)
-    model, result, shift = recipes.continue_run(start, cfg, task)
+    model, result, shift = recipes.continue_run(start, task, 1e-2, Lt=3.0, adam_steps=5, sgd_steps=1)
     assert torch.equal(start.weight.detach(), W) and start.Lt == 2.0
     assert model.Lt == 3.0 and result.steps == 6 and shift >= 0.0

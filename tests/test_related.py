@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import leakycuda as lc
-from leakycuda import related
+from leakycuda import experiments
+from leakycuda.experiments import dln_rank, dln_saddle, fcnn_bottleneck, linear_nets
 from leakycuda.steps import rho_Lt_violations
 
 f64 = torch.float64
@@ -23,7 +24,7 @@ def _product(model):
 @pytest.mark.parametrize("L", [1, 3, 7, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, f64])
 def test_fully_connected_steps_reach_but_never_pass_one(L, dtype):
-    rho, Lt = related.fully_connected_steps(L, dtype=dtype)
+    rho, Lt = linear_nets.fully_connected_steps(L, dtype=dtype)
     assert rho.shape == (L,) and rho.dtype == dtype
     assert rho_Lt_violations(rho, Lt) == []
     assert Lt == pytest.approx(L, rel=1e-6)
@@ -35,7 +36,7 @@ def test_fully_connected_steps_reach_but_never_pass_one(L, dtype):
 def test_deep_linear_end_to_end_through_the_op_is_the_product_of_the_layers(L, shape):
     w, d_in, d_out = shape
     gen = torch.Generator().manual_seed(L)
-    model = related.DeepLinear(w, L, in_features=d_in, out_features=d_out, init="gaussian", scale=1.3,
+    model = linear_nets.DeepLinear(w, L, in_features=d_in, out_features=d_out, init="gaussian", scale=1.3,
                                generator=gen, dtype=f64)
     A = model.end_to_end()
     torch.testing.assert_close(A, _product(model), rtol=1e-12, atol=1e-13)
@@ -50,7 +51,7 @@ def test_deep_linear_end_to_end_through_the_op_is_the_product_of_the_layers(L, s
 
 def test_deep_linear_gradient_and_regularization_match_plain_matmuls():
     gen = torch.Generator().manual_seed(0)
-    model = related.DeepLinear(5, 3, generator=gen, dtype=f64)
+    model = linear_nets.DeepLinear(5, 3, generator=gen, dtype=f64)
     x, y = torch.randn(7, 5, generator=gen, dtype=f64), torch.randn(7, 5, generator=gen, dtype=f64)
     lam = 0.3
     loss = lc.train.mse(model(x), y) + model.regularization(lam)
@@ -68,13 +69,13 @@ def test_deep_linear_gradient_and_regularization_match_plain_matmuls():
 
 def test_deep_linear_rejects_bad_arguments():
     with pytest.raises(ValueError, match="init"):
-        related.DeepLinear(4, 2, init="zeros")
+        linear_nets.DeepLinear(4, 2, init="zeros")
     with pytest.raises(ValueError, match="in_features"):
-        related.DeepLinear(4, 2, in_features=5)
+        linear_nets.DeepLinear(4, 2, in_features=5)
 
 
 def test_low_rank_regression_is_whitened_and_its_least_squares_map_gives_the_cost():
-    task = related.low_rank_regression(5, (2.0, 0.5), 12, noise=0.1, seed=3)
+    task = linear_nets.low_rank_regression(5, (2.0, 0.5), 12, noise=0.1, seed=3)
     x, y, B = task["x"], task["y"], task["B"]
     torch.testing.assert_close(x.T @ x / 12, torch.eye(5, dtype=f64), rtol=0, atol=1e-12)
     s = torch.linalg.svdvals(task["A_star"])
@@ -84,7 +85,7 @@ def test_low_rank_regression_is_whitened_and_its_least_squares_map_gives_the_cos
     cost = lambda A: lc.train.mse(x @ A.T, y) - (A - B).square().sum()  # noqa: E731  (the same constant for every A)
     torch.testing.assert_close(cost(A1), cost(A2), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="spectrum"):
-        related.low_rank_regression(3, (1.0, 1.0, 1.0, 1.0), 10)
+        linear_nets.low_rank_regression(3, (1.0, 1.0, 1.0, 1.0), 10)
 
 
 def _scalar_objective(s, b, lam, L):
@@ -95,25 +96,25 @@ def _scalar_objective(s, b, lam, L):
 def test_scalar_minimizer_is_the_grid_minimum(L):
     lam = 0.2
     b = torch.linspace(0.0, 2.0, 41, dtype=f64)
-    s = related._scalar_minimizer(b, lam, L, "global")
+    s = linear_nets._scalar_minimizer(b, lam, L, "global")
     grid = torch.linspace(0.0, 2.0, 100_001, dtype=f64)
     f = _scalar_objective(grid[None, :], b[:, None], lam, L)
     best = f.min(dim=1).values
     mine = _scalar_objective(s, b, lam, L)
     assert torch.all(mine <= best + 1e-12)  # nothing on the grid does better
     assert torch.all(mine >= best - 1e-7)  # and the grid gets within its resolution of it
-    largest = related._scalar_minimizer(b, lam, L, "largest")
+    largest = linear_nets._scalar_minimizer(b, lam, L, "largest")
     assert torch.all((largest >= s - 1e-15))
 
 
 @pytest.mark.parametrize("L", [2, 3, 4, 8])
 def test_schatten_thresholds_locate_the_jumps(L):
     lam = 0.2
-    b_exist, b_star = related.schatten_thresholds(lam, L)
+    b_exist, b_star = linear_nets.schatten_thresholds(lam, L)
     eps = 1e-9
     b = torch.tensor([b_star - eps, b_star + eps, b_exist - eps, b_exist + eps], dtype=f64)
-    g = related._scalar_minimizer(b, lam, L, "global")
-    big = related._scalar_minimizer(b, lam, L, "largest")
+    g = linear_nets._scalar_minimizer(b, lam, L, "global")
+    big = linear_nets._scalar_minimizer(b, lam, L, "largest")
     assert g[0] == 0 and g[1] > 0
     assert big[2] == 0 and big[3] > 0
     assert b_exist <= b_star
@@ -136,12 +137,12 @@ def test_schatten_minimizer_against_direct_minimisation_of_the_deep_linear_loss(
     """Many L-BFGS runs on the factorized loss ||M_3 M_2 M_1 - B||^2 + lam/2 sum ||M_l||^2 from random starts:
     none ends below the closed-form value, and the best reaches it."""
     L, lam = 3, 0.2
-    b_exist, b_star = related.schatten_thresholds(lam, L)
+    b_exist, b_star = linear_nets.schatten_thresholds(lam, L)
     U = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=f64))[0]
     b = torch.tensor([1.5, (b_exist + b_star) / 2, 0.1], dtype=f64)  # the middle one: a local, not a global, value
     B = U @ torch.diag(b) @ U.T.flip(0)
-    A = related.schatten_minimizer(B, lam, L)
-    s = related._scalar_minimizer(b, lam, L, "global")  # exact zeros (svdvals of A would give ~1e-16, and ^(2/3))
+    A = linear_nets.schatten_minimizer(B, lam, L)
+    s = linear_nets._scalar_minimizer(b, lam, L, "global")  # exact zeros (svdvals of A would give ~1e-16, and ^(2/3))
     torch.testing.assert_close(torch.linalg.svdvals(A), s, rtol=0, atol=1e-14)
     closed = float((A - B).square().sum() + lam * L / 2 * (s ** (2 / L)).sum())
     gen = torch.Generator().manual_seed(0)
@@ -163,8 +164,8 @@ def test_schatten_minimizer_against_direct_minimisation_of_the_deep_linear_loss(
     assert min(values) >= closed - 1e-12
     assert min(values) == pytest.approx(closed, abs=1e-10)
     # the largest local minimizer keeps the middle value, and costs more than the global one
-    A_big = related.schatten_minimizer(B, lam, L, branch="largest")
-    s_big = related._scalar_minimizer(b, lam, L, "largest")
+    A_big = linear_nets.schatten_minimizer(B, lam, L, branch="largest")
+    s_big = linear_nets._scalar_minimizer(b, lam, L, "largest")
     assert int((s_big > 0).sum()) == 2 and int((s > 0).sum()) == 1
     assert any(v == pytest.approx(float((A_big - B).square().sum() + lam * L / 2 * (s_big ** (2 / L)).sum()), abs=1e-10)
                for v in values)  # some starts stop at the local one
@@ -189,10 +190,10 @@ def test_balanced_factors_attain_the_schatten_penalty():
 
 
 def test_rank_measures():
-    assert related.numerical_rank([3.0, 1.0, 1e-4]) == 2
-    assert related.numerical_rank([0.0, 0.0]) == 0
-    assert related.entropy_rank([1.0, 1.0, 1.0, 0.0]) == pytest.approx(3.0)
-    assert related.entropy_rank([1.0, 0.0]) == pytest.approx(1.0)
+    assert linear_nets.numerical_rank([3.0, 1.0, 1e-4]) == 2
+    assert linear_nets.numerical_rank([0.0, 0.0]) == 0
+    assert linear_nets.entropy_rank([1.0, 1.0, 1.0, 0.0]) == pytest.approx(3.0)
+    assert linear_nets.entropy_rank([1.0, 0.0]) == pytest.approx(1.0)
 
 
 def _check_outputs(result, out, name):
@@ -204,14 +205,14 @@ def _check_outputs(result, out, name):
     for p in pngs:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    again = related.replot(str(out / (name.replace("-", "_") + ".json")), str(out / "replot"))
+    again = experiments.replot(str(out / (name.replace("-", "_") + ".json")), str(out / "replot"))
     assert sorted(again) == sorted(k for k in result["files"] if k != "json")
     return data
 
 
 def test_tiny_dln_rank_runs_and_matches_the_local_minimizer(tmp_path):
-    cfg = related.DLNRankConfig(d=4, n=8, spectrum=(1.0, 0.3), noise=0.0, lam=0.2, depths=(1, 3), steps=400)
-    res = related.run_dln_rank(tmp_path, config=cfg, log=lambda *a: None, progress=False)
+    cfg = dln_rank.DLNRankConfig(d=4, n=8, spectrum=(1.0, 0.3), noise=0.0, lam=0.2, depths=(1, 3), steps=400)
+    res = dln_rank.run_dln_rank(tmp_path, config=cfg, log=lambda *a: None, progress=False)
     data = _check_outputs(res, tmp_path, "dln-rank")
     for run in data["runs"]:
         assert run["max_abs_diff_largest"] < 1e-4
@@ -220,23 +221,23 @@ def test_tiny_dln_rank_runs_and_matches_the_local_minimizer(tmp_path):
 
 
 def test_tiny_dln_saddle_runs(tmp_path):
-    cfg = related.DLNSaddleConfig(d=3, width=6, n=6, spectrum=(2.0, 0.5), depths=(2,), horizon_small={2: 6.0},
+    cfg = dln_saddle.DLNSaddleConfig(d=3, width=6, n=6, spectrum=(2.0, 0.5), depths=(2,), horizon_small={2: 6.0},
                                   horizon_large={2: 1.0}, steps_large=60, records=60)
-    res = related.run_dln_saddle(tmp_path, config=cfg, log=lambda *a: None, progress=False)
+    res = dln_saddle.run_dln_saddle(tmp_path, config=cfg, log=lambda *a: None, progress=False)
     data = _check_outputs(res, tmp_path, "dln-saddle")
     small = next(r for r in data["runs"] if r["init"] == "small")
     assert small["summary"]["complete"] and small["summary"]["ordered"]  # the larger value is learned first
 
 
 def test_tiny_fcnn_bottleneck_runs(tmp_path):
-    cfg = related.FCNNBottleneckConfig(d=6, inner=(2,), n_train=16, n_test=8, width=8, depths=(2, 3), adam_steps=20)
-    res = related.run_fcnn_bottleneck(tmp_path, config=cfg, log=lambda *a: None, progress=False)
+    cfg = fcnn_bottleneck.FCNNBottleneckConfig(d=6, inner=(2,), n_train=16, n_test=8, width=8, depths=(2, 3), adam_steps=20)
+    res = fcnn_bottleneck.run_fcnn_bottleneck(tmp_path, config=cfg, log=lambda *a: None, progress=False)
     data = _check_outputs(res, tmp_path, "fcnn-bottleneck")
     assert [len(r["layers"]) for r in data["runs"]] == [3, 4]
 
 
 def test_fully_connected_resnet_is_a_dense_relu_net():
-    model = related.fully_connected_resnet(4, 3, 6, 3, generator=torch.Generator().manual_seed(0), dtype=f64)
+    model = linear_nets.fully_connected_resnet(4, 3, 6, 3, generator=torch.Generator().manual_seed(0), dtype=f64)
     x = torch.randn(5, 4, dtype=f64)
     X = x @ model.proj_in.T
     for W in model.weight.detach():
@@ -244,7 +245,12 @@ def test_fully_connected_resnet_is_a_dense_relu_net():
     torch.testing.assert_close(model(x), X @ model.proj_out.T, rtol=1e-12, atol=1e-13)
 
 
-def test_registry_lists_the_three_experiments():
-    assert set(related.EXPERIMENTS) == {"dln-rank", "dln-saddle", "fcnn-bottleneck"}
-    for entry in related.EXPERIMENTS.values():
-        assert callable(entry["run"]) and entry["help"] and entry["full"] and entry["quick"]
+def test_registry_lists_every_experiment():
+    found = experiments.experiments()
+    assert set(found) == {"demo", "fig1", "fig2", "dln-rank", "dln-saddle", "fcnn-bottleneck"}
+    assert {n for n, e in found.items() if e.kind == "preset"} == {"dln-rank", "dln-saddle", "fcnn-bottleneck"}
+    for name, entry in found.items():
+        assert entry.name == name and callable(entry.run) and callable(entry.plot) and entry.help and entry.full
+        assert entry.kind == "demo" or entry.quick
+    with pytest.raises(ValueError, match="name"):
+        experiments.get("fig3")

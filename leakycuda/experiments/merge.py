@@ -1,6 +1,6 @@
 """Merges fig2.json files of the same sweep run at different depths into one fig2.json and redraws its PNGs.
 
-    python docs/results/merge_fig2.py OUT_DIR A/fig2.json B/fig2.json [...]
+    python -m leakycuda.experiments.merge OUT_DIR A/fig2.json B/fig2.json [...]
 
 The inputs must agree on everything but the depths (config, schemes, seeds, a) and must not share a
 depth; the runs are concatenated in the order run_fig2 writes them (scheme, then L, then seed), each
@@ -11,7 +11,7 @@ NaN / Infinity tokens; the output is strict JSON (leakycuda._json: non-finite nu
 import os
 import sys
 
-from leakycuda import _json
+from .. import _json
 
 
 def merge(datas):
@@ -39,18 +39,19 @@ def merge(datas):
 
 def main(argv):
     if len(argv) < 3:
-        sys.exit("usage: python docs/results/merge_fig2.py OUT_DIR A/fig2.json B/fig2.json [...]")
+        sys.exit("usage: python -m leakycuda.experiments.merge OUT_DIR A/fig2.json B/fig2.json [...]")
     try:
         data = merge([_json.load(path) for path in argv[1:]])
     except (OSError, ValueError) as e:
-        sys.exit("merge_fig2.py: %s" % e)
-    from leakycuda.experiments import _names, plot_fig2
+        sys.exit("leakycuda.experiments.merge: %s" % e)
+    from .fig2 import plot_fig2
+    from .sweep import file_names
 
     out = argv[0]
     os.makedirs(out, exist_ok=True)
     files = plot_fig2(data, out)
     files["json"] = os.path.join(out, "fig2.json")
-    data["files"] = _names(files)
+    data["files"] = file_names(files)
     _json.dump(data, files["json"], indent=1)
     print("wrote", ", ".join(files.values()))
 

@@ -179,7 +179,9 @@ def train_run(cfg, seed=0, *, device="cpu", dtype=torch.float32, task=None, prog
     if task is None:
         task = make_task(cfg, seed, device, dtype)
     if start is not None:
-        model, result, _ = continue_run(start, cfg, task, progress=progress, desc=desc)
+        model, result, _ = continue_run(start, task, cfg.lam, Lt=cfg.Lt, gamma0=cfg.continue_gamma0,
+                                        adam_steps=cfg.continue_steps, adam_lr=cfg.adam_lr, sgd_steps=cfg.sgd_steps,
+                                        sgd_lr=cfg.sgd_lr, adapt_every=cfg.adapt_every, progress=progress, desc=desc)
         return model, task, result
     torch.manual_seed(1000 + seed)
     with warnings.catch_warnings():
@@ -264,7 +266,7 @@ def _train_group(runs, index, starts, device, dtype, progress):
         warnings.simplefilter("ignore", StepOvershootWarning)
         warnings.simplefilter("ignore", MemberDivergedWarning)  # a diverged run raises below, as train_run's would
         if warm:
-            model = LeakyEnsemble.from_models([warm_start(s, cfg, task)[0]
+            model = LeakyEnsemble.from_models([warm_start(s, task, cfg.Lt, gamma0=cfg.continue_gamma0)[0]
                                                for s, cfg, task in zip(starts, cfgs, tasks)])
         else:
             model = LeakyEnsemble(TASK_D, TASK_D, c.width, [cfg.depth for cfg in cfgs], [cfg.Lt for cfg in cfgs],

@@ -1,7 +1,7 @@
 """Markdown tables of a fig1.json or fig2.json written by `leakycuda reproduce fig1|fig2` (the tables of docs/results.md).
 
-    python docs/results/tables.py docs/results/fig1/fig1.json
-    python docs/results/tables.py docs/results/fig2/fig2.json
+    python -m leakycuda.experiments.tables docs/results/fig1/fig1.json
+    python -m leakycuda.experiments.tables docs/results/fig2/fig2.json
 
 Per-seed values are listed in seed order, separated by " / ". Nothing is recomputed: every number is read
 from the JSON (the targets are checked against the numbers as they are). Strict JSON (non-finite numbers as null)
@@ -11,7 +11,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-from leakycuda import _json
+from .. import _json
 
 
 def _seeds(values, fmt="%.2f"):
@@ -69,7 +69,7 @@ def fig2_table(data):
 
 def main(argv):
     if len(argv) != 1:
-        sys.exit("usage: python docs/results/tables.py <fig1.json | fig2.json>")
+        sys.exit("usage: python -m leakycuda.experiments.tables <fig1.json | fig2.json>")
     try:
         data = _json.load(argv[0])
     except (OSError, ValueError) as e:
