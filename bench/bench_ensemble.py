@@ -1,4 +1,4 @@
-"""Times sweeps in one launch (issue 10): `reproduce fig1` batched vs --sequential, training steps of an ensemble
+"""Times sweeps in one launch: `reproduce fig1` batched vs --sequential, training steps of an ensemble
 vs one model at a time, and on CUDA the issue's GPU rows (JSON + table).
 
 Rows (every row on the device given; the variants of a row are timed in one session, interleaved):

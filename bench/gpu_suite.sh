@@ -86,7 +86,7 @@ stage_bench_energies() {
 }
 
 stage_bench_ensemble() {
-  echo "== ensemble benchmark (issue 10's GPU rows)"
+  echo "== ensemble benchmark (its GPU rows)"
   python bench/bench_ensemble.py --device cuda --out "$OUT/bench_ensemble_cuda.json" > "$OUT/bench_ensemble.log" 2>&1
   echo "bench_ensemble rc=$?"; tail -20 "$OUT/bench_ensemble.log"
 }

@@ -2,13 +2,15 @@
 import pytest
 import torch
 
+from helpers import CUDA
+
 DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
         marks=[
             pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            pytest.mark.skipif(not CUDA, reason="needs a CUDA device"),
         ],
     ),
 ]

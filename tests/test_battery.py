@@ -1,4 +1,4 @@
-"""A battery of bad and degenerate inputs over the public API and the command line (issue 13's classes).
+"""A battery of bad and degenerate inputs over the public API and the command line.
 
 Each case runs in a persistent worker subprocess (tests/_battery_worker.py), restarted when a case
 kills it, so a crash or a hang fails that case and not the run. An API case asserts the exception

@@ -1,11 +1,12 @@
 """Data-parallel fit: 2 gloo processes give the full-batch single-process parameters, and the same adaptive rho."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from helpers import free_port
 
 F64 = torch.float64
 FIT = dict(adam_steps=6, adam_lr=1e-2, sgd_steps=4, sgd_lr=1e-3, adapt_every=2, log_every=5)
@@ -43,12 +44,6 @@ def _worker(rank, port, steps, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("steps", ["equidistant", "adaptive"])
 def test_ddp_matches_full_batch(tmp_path, steps):
@@ -57,7 +52,7 @@ def test_ddp_matches_full_batch(tmp_path, steps):
     outs = [str(tmp_path / ("rank%d.pt" % r)) for r in range(WORLD)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(2):  # a second try on a fresh port, should another process take the first one
-        port = _free_port()
+        port = free_port()
         procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), steps, outs[r]], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(WORLD)]
         logs = [p.communicate(timeout=120)[0].decode() for p in procs]

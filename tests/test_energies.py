@@ -11,7 +11,7 @@ from leakycuda._ops import ops
 # The module by its import name: lc.energies is the energies() function once __init__ exports it.
 E = importlib.import_module("leakycuda.energies")
 
-CUDA = torch.cuda.is_available()
+from helpers import CUDA, has_cuda_kernel as _has_cuda_kernel
 
 # Set to 1, the CPU ops run the device-generic implementation (the code CUDA falls back to).
 GENERIC_ENV = "LEAKYCUDA_CPU_ATEN_ENERGIES"
@@ -49,10 +49,6 @@ def energy_impl(request, monkeypatch):
     path = "generic" if request.param == "generic" else "cpu"
     assert _paths_run(_probe) == {(path, "cost_of_identity"), (path, "cost_of_identity_backward")}
     return request.param
-
-
-def _has_cuda_kernel(op):
-    return CUDA and torch._C._dispatch_has_kernel_for_dispatch_key("leakycuda::" + op, "CUDA")
 
 
 # --- independent float64 computations (no Gram form, no ridge objective) ----------------------

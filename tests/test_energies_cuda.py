@@ -6,6 +6,8 @@ import importlib
 import pytest
 import torch
 
+from helpers import has_cuda_kernel
+
 from leakycuda import reference as R
 from leakycuda._ops import ops
 from test_energies import ACTS, _paths_run
@@ -15,8 +17,7 @@ E = importlib.import_module("leakycuda.energies")
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(
-        not (torch.cuda.is_available()
-             and torch._C._dispatch_has_kernel_for_dispatch_key("leakycuda::energies", "CUDA")),
+        not has_cuda_kernel("energies"),
         reason="needs a CUDA device and leakycuda's CUDA kernels"),
 ]
 

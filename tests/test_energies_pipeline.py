@@ -14,7 +14,7 @@ from leakycuda.experiments.fig2 import run_fig2
 from leakycuda.experiments.sweep import RunConfig, layer_stats, rank_summary, train_run
 from test_energies import GENERIC_ENV, _paths_run
 
-CUDA = torch.cuda.is_available()
+from helpers import CUDA
 
 # A demo small enough for a test: the 30 -> 3 -> 30 task, 4 layers of width 8, 20 + 5 steps.
 TINY = RunConfig(n_train=48, n_test=32, width=8, depth=4, Lt=2.0, adam_steps=20, sgd_steps=5, adapt_every=10)

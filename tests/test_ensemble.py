@@ -3,13 +3,14 @@ divergence of one member, checkpoints, data parallelism, and the CUDA-graph trai
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
+
+from helpers import CUDA, free_port
 
 import leakycuda as lc
 from leakycuda import _graph
@@ -408,7 +409,7 @@ def test_batched_sweep_reports_each_group_when_it_has_trained(monkeypatch):
 
 @pytest.mark.parametrize("figure", ["fig1", "fig1-recipe", "fig2"])
 def test_reproduce_batched_equals_sequential(tmp_path, figure):
-    """The batched sweeps give the sequential JSON (and the same files); fig1-recipe adds issue 11's recipe:
+    """The batched sweeps give the sequential JSON (and the same files); fig1-recipe adds the stationarity recipe:
     continuation in Lt (a chain of warm starts per seed) and L-BFGS refinement of every run."""
     from leakycuda.experiments import fig1, fig2, sweep
 
@@ -485,18 +486,12 @@ def _ddp_worker(rank, port, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_ddp_ensemble_matches_one_process(tmp_path):
     outs = [str(tmp_path / ("rank%d.pt" % r)) for r in range(2)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for _ in range(2):  # a second try on a fresh port, should another process take the first one
-        port = _free_port()
+        port = free_port()
         procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), outs[r]], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
         logs = [p.communicate(timeout=180)[0].decode() for p in procs]
@@ -623,7 +618,7 @@ def test_train_step_state_machine_warms_up_captures_and_recaptures():
     _assert_state_equal(eager, graphed)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
 @pytest.mark.cuda

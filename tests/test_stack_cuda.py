@@ -14,10 +14,10 @@ import torch
 import leakycuda as lc
 from leakycuda import reference as ref
 from leakycuda._ops import ops
+from helpers import has_cuda_kernel
 from leakycuda._tolerance import assert_close_to_reference as assert_near_reference  # 4x eager at low precision
 
-HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "leakycuda::leaky_stack", "CUDA")
+HAS_CUDA_KERNELS = has_cuda_kernel("leaky_stack")
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA device and leakycuda's CUDA kernels"),

@@ -117,7 +117,7 @@ def plot_dln_rank(data, out):
     runs = [r for r in data["runs"] if r["seed"] == seed]
     Ls = [r["L"] for r in runs]
     x = range(len(Ls))
-    k = len(cfg["spectrum"]) + 2
+    k = min(len(cfg["spectrum"]) + 2, len(runs[0]["b"]))  # two past the teacher's rank, at most d
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.6))
     for j, bj in enumerate(runs[0]["b"][:k]):
         ax.axhline(bj, color="0.8", lw=0.8, ls=":", label="singular values of $B$ (least squares)" if j == 0 else None)

@@ -97,10 +97,11 @@ def replot(json_path, out=None):
     json_path = os.fspath(json_path)
     out = check.writable_path(os.path.dirname(os.path.abspath(json_path)) if out is None else out, "out",
                               folder=True)
-    expect = "the JSON of a leakycuda run (%s)" % ", ".join(experiments())
+    expect = "the JSON of a leakycuda run (%s)" % ", ".join("%s.json" % n.replace("-", "_") for n in experiments())
     data = read_json(json_path, "json_path", expect)
     spec = next((e for e in experiments().values() if isinstance(data, dict) and e.matches(data)), None)
     if spec is None:
-        check.fail(ValueError, "json_path", expect, "%r, which is none of them" % json_path)
+        named = " (experiment %r)" % data["experiment"] if isinstance(data, dict) and "experiment" in data else ""
+        check.fail(ValueError, "json_path", expect, "%r, which is none of them%s" % (json_path, named))
     with _schema(json_path, "json_path", "a %s result written by leakycuda" % spec.name, data, spec.fields):
         return spec.plot(data, out, json_path)
