@@ -11,14 +11,14 @@ import torch
 
 from . import _validate as check
 from . import plots
-from ._ensemble_fit import MemberDivergedWarning
 from ._env import machine_info
 from .data import TEACHERS, bottleneck_task
+from .divergence import MemberDivergedWarning, divergence_error
 from .ensemble import LeakyEnsemble
 from .module import INITS, STEP_SCHEMES, LeakyResNet
 from .recipes import continue_run, refine, warm_start
 from .steps import StepOvershootWarning, check_irregularity
-from .train import DIVERGE_FACTOR, DivergenceError, _divergence_error, fit
+from .train import DIVERGE_FACTOR, DivergenceError, fit
 
 __all__ = ["DEMO", "FIG1", "FIG2", "RunConfig", "layer_stats", "layer_table", "rank_summary", "plot_fig1",
            "plot_demo", "plot_fig2", "replot", "run_demo", "run_fig1", "run_fig2", "train_run", "train_runs"]
@@ -273,8 +273,8 @@ def _train_group(runs, index, starts, device, dtype, progress):
         hist = result.member_history(first)
         y = tasks[first].y_train
         with _named_run(runs[first][2]):
-            raise _divergence_error(hist[-1], hist[0]["loss"], float(y.double().square().sum()) / y.shape[0],
-                                    DIVERGE_FACTOR, (c.adam_lr, c.sgd_lr), None, result.member(first))
+            raise divergence_error(hist[-1], hist[0]["loss"], float(y.double().square().sum()) / y.shape[0],
+                                   DIVERGE_FACTOR, (c.adam_lr, c.sgd_lr), None, result.member(first))
     share = (time.perf_counter() - t) / len(runs)
     out = {}
     for b, i in enumerate(index):

@@ -1,37 +1,19 @@
-"""Full-batch training of a LeakyResNet: Adam then SGD, adaptive steps, history, checkpoints, DDP."""
-import csv
-import dataclasses
-import json
-import math
+"""Full-batch training: :func:`fit` (Adam then SGD, adaptive steps, history, checkpoints, DDP) of a LeakyResNet, of a
+LeakyEnsemble (every member at once) or of another model with ``regularization(lam)``; the loop is :mod:`.engine`."""
+import numbers
 import os
-import sys
-import time
-import warnings
 
 import torch
 
 from . import _validate as check
-from .steps import StepOvershootWarning, rho_Lt_violations
+from . import engine
+from .checkpoints import load_checkpoint
+from .divergence import DIVERGE_FACTOR, DivergenceError, MemberDivergedWarning
+from .ensemble import LeakyEnsemble
+from .history import EnsembleFitResult, FitResult, save_ensemble_history, save_history
 
-__all__ = ["DivergenceError", "FitResult", "fit", "load_checkpoint", "mse", "save_history"]
-
-CHECKPOINT_FORMAT = "leakycuda.fit/1"
-
-#: The default of fit's ``diverge_factor`` (see :func:`fit`, "Divergence").
-DIVERGE_FACTOR = 1e4
-
-
-class DivergenceError(FloatingPointError):
-    """:func:`fit` stopped because the loss diverged (see :func:`fit`, "Divergence").
-
-    Attributes: ``step`` and ``phase`` where it was detected, ``loss`` (the value seen),
-    ``threshold`` (None when the loss was not finite) and ``result``: a :class:`FitResult` whose
-    history runs up to and including the diverged record (also written to ``history_path``).
-    """
-
-    def __init__(self, message, *, step, phase, loss, threshold, result):
-        super().__init__(message)
-        self.step, self.phase, self.loss, self.threshold, self.result = step, phase, loss, threshold, result
+__all__ = ["DIVERGE_FACTOR", "DivergenceError", "EnsembleFitResult", "FitResult", "MemberDivergedWarning", "fit",
+           "load_checkpoint", "mse", "save_ensemble_history", "save_history"]
 
 
 def mse(pred, target):
@@ -46,158 +28,11 @@ def mse(pred, target):
     return (pred - target).square().sum() / pred.shape[0]
 
 
-@dataclasses.dataclass
-class FitResult:
-    """What :func:`fit` returns: the history records (one dict per logged step) and timings.
-
-    Each record: ``step`` (optimizer steps done), ``phase`` ("adam" or "sgd"), ``loss`` (data cost +
-    regularization), ``train_mse``, ``reg``, ``test_mse`` (NaN without test data), ``rho`` (list of L).
-    ``max_rho_Lt``: the largest rho_l * Lt the steps reached during this call (above 1 the skip
-    connection of that layer is negative; adaptive steps can get there, see :func:`fit`).
-    """
-
-    history: list
-    steps: int
-    wall_s: float
-    resumed_from: int = 0
-    max_rho_Lt: float = float("nan")
-
-    @property
-    def final(self):
-        return self.history[-1] if self.history else {}
-
-    def save(self, path):
-        """Writes the history as JSON at ``path`` and as CSV next to it (same stem, .csv)."""
-        save_history(self.history, path)
-
-
-def save_history(history, path):
-    """History records -> ``path`` (JSON: a list of records) and ``path`` with suffix .csv (rho_1..rho_L columns)."""
-    path = os.fspath(path)
-    root, _ = os.path.splitext(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(history, f, indent=1)
-    if not history:
-        return
-    L = len(history[0].get("rho", []))
-    fields = [k for k in history[0] if k != "rho"] + ["rho_%d" % (i + 1) for i in range(L)]
-    with open(root + ".csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(fields)
-        for rec in history:
-            w.writerow([rec[k] for k in fields[: len(fields) - L]] + list(rec.get("rho", [])))
-
-
-def _dist_info():
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(t):
-    torch.distributed.all_reduce(t)
-    return t
-
-
-def load_checkpoint(path, map_location="cpu", *, expect_format=CHECKPOINT_FORMAT):
-    """Loads a :func:`fit` checkpoint with ``torch.load(weights_only=True)``; returns its dict.
-
-    Keys: ``format``, ``step``, ``phase``, ``model`` (the LeakyResNet state dict), ``optimizer``,
-    ``history``, ``config``. A LeakyEnsemble's checkpoint (``expect_format="leakycuda.fit_ensemble/1"``)
-    also holds ``diverged``.
-    """
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except Exception as e:  # noqa: BLE001  (torch.load raises pickle, zip and runtime errors alike)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        check.fail(ValueError, "path", "a leakycuda.train.fit checkpoint (written by torch.save in fit)",
-                   "%s, which torch.load cannot read (%s: %s): the file is corrupt, truncated or not a "
-                   "checkpoint" % (os.fspath(path), type(e).__name__, first[:200]))
-    if not isinstance(ckpt, dict) or ckpt.get("format") != expect_format:
-        check.fail(ValueError, "path", "a leakycuda.train.fit checkpoint (format %r)" % expect_format,
-                   "%s, which holds %s" % (os.fspath(path), "format %r" % ckpt.get("format")
-                                           if isinstance(ckpt, dict) else type(ckpt).__name__))
-    missing = [k for k in ("step", "phase", "model", "optimizer", "history", "config") if k not in ckpt]
-    if missing:
-        check.fail(ValueError, "path", "a complete fit checkpoint", "%s without %s" % (os.fspath(path), missing))
-    return ckpt
-
-
-def _save_atomic(obj, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=False):
-    if phase == "adam":
-        return torch.optim.Adam(params, lr=adam_lr, capturable=capturable)
-    return torch.optim.SGD(params, lr=sgd_lr, momentum=sgd_momentum)
-
-
 def _task_tensor(task, name, rows, cols, cols_name):
     t = check.matrix(getattr(task, name), "task.%s" % name, rows, cols, rows_name="N", cols_name=cols_name)
     if t.is_complex():
         check.fail(TypeError, "task.%s" % name, "a real tensor", str(t.dtype))
     return check.finite(t, "task.%s" % name, "NaN or inf data would make every loss NaN")
-
-
-def _divergence(loss, loss0, zero_mse, factor):
-    """fit's divergence rule: (diverged, threshold, scale). Diverged: ``loss`` is not finite, or above
-    threshold = factor * scale, scale = max(loss0 (the loss at step 0, if finite), zero_mse); threshold
-    is None when ``factor`` is None or the scale is 0."""
-    scale = max(loss0, zero_mse) if loss0 is not None and math.isfinite(loss0) else zero_mse
-    threshold = None if factor is None or not scale > 0 else factor * scale
-    return not (math.isfinite(loss) and (threshold is None or loss <= threshold)), threshold, scale
-
-
-def _divergence_error(rec, loss0, zero_mse, factor, lrs, history_path, result, who=""):
-    """The :class:`DivergenceError` of a diverged record ``rec`` (one model's step, phase and loss) under
-    :func:`_divergence`'s rule; ``lrs`` = (adam_lr, sgd_lr) for the hint, ``who`` names the model when several train."""
-    loss = rec["loss"]
-    _, threshold, scale = _divergence(loss, loss0, zero_mse, factor)
-    lr_name, lr = ("adam_lr", lrs[0]) if rec["phase"] == "adam" else ("sgd_lr", lrs[1])
-    why = ("the loss became %s" % loss if not math.isfinite(loss) else
-           "the loss %.4g exceeds diverge_factor %g x the starting scale %.4g" % (loss, factor, scale))
-    where = "at the start (step 0)" if rec["step"] == 0 else "by step %d (%s phase)" % (rec["step"], rec["phase"])
-    hint = ("lower %s (now %g)" % (lr_name, lr)) if rec["step"] > 0 else "check the model's initial weights"
-    return DivergenceError("training diverged%s: %s %s; %s%s" % (who, why, where, hint, "; history in %s"
-                                                               % history_path if history_path else ""),
-                           step=rec["step"], phase=rec["phase"], loss=loss, threshold=threshold, result=result)
-
-
-def _progress_bar(total, step, desc, progress):
-    """A tqdm bar on stderr for steps step..total (None when there is nothing left); shown when stderr is a
-    terminal with ``progress=None``."""
-    if total <= step:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=step, desc=desc, file=sys.stderr, leave=False,
-                disable=None if progress is None else not progress, dynamic_ncols=True)
-
-
-def _resume_path(resume, checkpoint_path):
-    """The checkpoint to resume from (``resume`` a path, or True: checkpoint_path), or None when there is none yet."""
-    path = resume if isinstance(resume, str) else (checkpoint_path if resume else None)
-    return path if path is not None and os.path.exists(path) else None
-
-
-def _load_resume(path, device, config, expect_format):
-    """The checkpoint at ``path``; warns when its settings differ from ``config`` (the result will then differ)."""
-    ckpt = load_checkpoint(path, map_location=device, expect_format=expect_format)
-    changed = [k for k in ("lam", "adam_steps", "adam_lr", "sgd_steps", "sgd_lr", "sgd_momentum", "adapt_every")
-               if ckpt["config"].get(k) != config[k]]
-    if changed:
-        what = ", ".join("%s %r -> %r" % (k, ckpt["config"].get(k), config[k]) for k in changed)
-        warnings.warn("fit: resuming %s with different settings (%s): the result will differ from an "
-                      "uninterrupted run" % (path, what), stacklevel=4)
-    return ckpt
 
 
 def _check_fit_args(module, task, a):
@@ -209,11 +44,26 @@ def _check_fit_args(module, task, a):
     return params
 
 
+def _check_ensemble_args(module, task, a):
+    """:func:`_check_fit_args` for a LeakyEnsemble (lam one number or B, task one or B); returns its trainable
+    parameters and its :class:`~leakycuda.engine.Data`."""
+    params = _check_model(module)
+    B = module.models
+    lam = a["lam"]
+    lams = list(lam) if isinstance(lam, (list, tuple)) else [lam]
+    if len(lams) not in (1, B):
+        check.fail(ValueError, "lam", "one number or B = %d numbers (one per member)" % B, "%d numbers" % len(lams))
+    lams = [check.real(v, "lam", low=0.0, what="the regularization strength") for v in lams]
+    a["lam"] = lams if len(lams) == B and isinstance(lam, (list, tuple)) else lams[0]
+    _check_settings(a)
+    data = _ensemble_data(task, B, module.in_features, module.out_features, module.weight.device, module.weight.dtype)
+    return params, data
+
+
 def _check_model(module):
     """A trainable model with finite weights; returns its trainable parameters."""
-    if not isinstance(module, torch.nn.Module) or not callable(getattr(module, "regularization", None)) \
-            or not isinstance(getattr(module, "rho", None), torch.Tensor):
-        check.fail(TypeError, "model", "a LeakyResNet (an nn.Module with .rho and .regularization)",
+    if not isinstance(module, torch.nn.Module) or not callable(getattr(module, "regularization", None)):
+        check.fail(TypeError, "model", "a LeakyResNet, a LeakyEnsemble or another nn.Module with .regularization(lam)",
                    type(module).__name__)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -253,7 +103,12 @@ def _check_settings(a):
                        ("sgd_momentum", "the SGD momentum")):
         a[name] = check.real(a[name], name, low=0.0, what=what)
     a["adapt_every"] = check.integer(a["adapt_every"], "adapt_every", low=1, what="steps between adaptive updates")
-    a["log_every"] = check.integer(a["log_every"], "log_every", low=1)
+    if isinstance(a["log_every"], numbers.Integral) or not hasattr(a["log_every"], "__iter__"):
+        a["log_every"] = check.integer(a["log_every"], "log_every", low=1,
+                                       what="steps between records, or a list of the steps to record")
+    else:
+        a["log_every"] = check.distinct(a["log_every"], "log_every", lambda v, n: check.integer(v, n, low=0),
+                                        what="the steps after which to record")
     if a["checkpoint_every"] is not None:
         a["checkpoint_every"] = check.integer(a["checkpoint_every"], "checkpoint_every", low=0,
                                               what="0 or None: only at the end")
@@ -288,10 +143,10 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
         cuda_graph=None):
     """Trains ``model`` (a :class:`~leakycuda.LeakyResNet`) full-batch on ``task``; returns a :class:`FitResult`.
 
-    ``model`` may also be a :class:`~leakycuda.ensemble.LeakyEnsemble`: its B members train at once
-    (``task`` one task or B tasks, ``lam`` one number or B), see
-    :func:`leakycuda._ensemble_fit.fit_ensemble`, which then runs with these arguments and returns an
-    :class:`~leakycuda._ensemble_fit.EnsembleFitResult`.
+    ``model`` may also be a :class:`~leakycuda.ensemble.LeakyEnsemble` (see "Ensembles" below; it returns an
+    :class:`EnsembleFitResult`), or any other ``nn.Module`` with ``regularization(lam)`` (e.g. the deep linear
+    networks of :mod:`leakycuda.related`): its ``rho``, ``effective_depth`` and adaptive steps are then used
+    where it has them. Every kind runs the same loop (:func:`leakycuda.engine.run`; one model is B = 1).
 
     Loss: ``mse(model(x), y) + model.regularization(lam)``, i.e. C + lam/(2 Lt) sum_l rho_l ||W_l||_F^2.
     Recipe (the paper's appendix): ``adam_steps`` of Adam at ``adam_lr``, then ``sgd_steps`` of SGD at
@@ -313,8 +168,9 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     push some rho_l * Lt above 1; that is reported once, as a :class:`~leakycuda.steps.StepOvershootWarning`
     at the end of the call, and as ``FitResult.max_rho_Lt``.
 
-    History: every ``log_every`` steps, at the Adam -> SGD switch and after the last step, a record
-    of the loss, train and test MSE and rho; written to ``history_path`` (JSON, plus a CSV beside it) at the end and at checkpoints.
+    History: a record of the loss, train and test MSE and rho at step 0, every ``log_every`` steps (or,
+    when ``log_every`` is a list of steps, after each of those), at the Adam -> SGD switch and after the
+    last step; written to ``history_path`` (JSON, plus a CSV beside it) at the end and at checkpoints.
     Checkpoints: every ``checkpoint_every`` steps and at the end when ``checkpoint_path`` is given
     (model and optimizer state, step, history; ``torch.load(weights_only=True)`` loads them).
     ``resume=True`` continues from ``checkpoint_path`` when that file exists (the result is the same
@@ -346,170 +202,75 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     the Adam -> SGD switch, or a changed Lt, re-captures. The results equal the eager path's within
     float rounding. ``cuda_graph=False`` turns it off; ``True`` insists (ValueError on a CPU model or
     under data parallelism). On the CPU it is always off.
+
+    Ensembles: for a LeakyEnsemble the loss is the sum over members of (data cost + regularization);
+    member b's parameters enter only its own term, so the gradients are the B single-model gradients,
+    and Adam and SGD, being elementwise, update each member exactly as a separate optimizer would.
+    ``lam``: one number or B (one per member). ``task``: one task shared by every member, or a sequence
+    of B tasks of equal shapes (e.g. one per seed). Member b's history and results are then those of fit
+    on member b alone, up to float rounding (the batched op and reductions may round differently).
+    Divergence is tested per member; a diverged member is stopped, not the run: a
+    :class:`MemberDivergedWarning` names it, its gradients are masked to zero and its optimizer state
+    (Adam's moments, SGD's momentum) is zeroed, so its parameters stay bitwise where they were, its
+    adaptive steps stop too, and the other members go on unaffected (members never mix). When every
+    member has diverged, fit raises :class:`DivergenceError` (its ``result`` an :class:`EnsembleFitResult`).
+    The adaptive statistics of every member are all-reduced at once under data parallelism.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from . import _graph
-    from .ensemble import LeakyEnsemble
-
-    if isinstance(model, DDP):
-        ddp_model, module = model, model.module
-    else:
-        ddp_model, module = None, model
+    ddp_model, module = (model, model.module) if isinstance(model, DDP) else (None, model)
     a = dict(lam=lam, adam_steps=adam_steps, adam_lr=adam_lr, sgd_steps=sgd_steps, sgd_lr=sgd_lr,
              sgd_momentum=sgd_momentum, adapt_every=adapt_every, adapt_during_sgd=adapt_during_sgd,
              log_every=log_every, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
              history_path=history_path, progress=progress, desc=desc, callback=callback,
              diverge_factor=diverge_factor)
     if isinstance(module, LeakyEnsemble):
-        from ._ensemble_fit import fit_ensemble
+        params, data = _check_ensemble_args(module, task, a)
+        members = engine.Members(module)
+    else:
+        params = _check_fit_args(module, task, a)
+        data = _model_data(task, params[0].device, params[0].dtype)
+        members = engine.OneModel(module)
+    return engine.run(members, data, params, a, ddp_model=ddp_model, cuda_graph=cuda_graph)
 
-        return fit_ensemble(model, task, cuda_graph=cuda_graph, **a)
-    params = _check_fit_args(module, task, a)
-    lam, adam_steps, adam_lr, sgd_steps, sgd_lr, sgd_momentum = (
-        a[k] for k in ("lam", "adam_steps", "adam_lr", "sgd_steps", "sgd_lr", "sgd_momentum"))
-    adapt_every, log_every, checkpoint_every, resume = (a[k] for k in ("adapt_every", "log_every",
-                                                                         "checkpoint_every", "resume"))
-    checkpoint_path, history_path, diverge_factor = a["checkpoint_path"], a["history_path"], a["diverge_factor"]
-    adaptive = getattr(module, "steps", None) == "adaptive"
 
-    rank, world = _dist_info()
-    if world > 1 and ddp_model is None:
-        dev = next(module.parameters()).device
-        ddp_model = DDP(module, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False)
-    net = ddp_model if ddp_model is not None else module
-
-    p0 = params[0]
-    device, dtype = p0.device, p0.dtype
-    graphed = _graph.use_cuda_graph(cuda_graph, device, world)
+def _model_data(task, device, dtype):
+    """One model's :class:`~leakycuda.engine.Data`: the (checked) task on the model's device and dtype; no test pair
+    when it has no test points."""
     x_train = task.x_train.to(device=device, dtype=dtype)
     y_train = task.y_train.to(device=device, dtype=dtype)
-    x_test = getattr(task, "x_test", None)
-    y_test = getattr(task, "y_test", None)
-    has_test = x_test is not None and y_test is not None and x_test.shape[0] > 0
-    if has_test:
+    x_test, y_test = getattr(task, "x_test", None), getattr(task, "y_test", None)
+    if x_test is not None and y_test is not None and x_test.shape[0] > 0:
         x_test, y_test = x_test.to(device=device, dtype=dtype), y_test.to(device=device, dtype=dtype)
-    n_total = x_train.shape[0]
-    if world > 1:
-        x_shard = torch.tensor_split(x_train, world)[rank]
-        y_shard = torch.tensor_split(y_train, world)[rank]
     else:
-        x_shard, y_shard = x_train, y_train
-    # Each rank's data cost is (world / N) * sum over its shard: DDP averages gradients over ranks,
-    # which gives (1/N) * sum over the whole batch, the full-batch gradient.
-    data_scale = world / n_total
-    reduce = _all_reduce_sum if world > 1 else None
-    zero_mse = float(task.y_train.detach().to(torch.float64).square().sum()) / n_total
+        x_test = y_test = None
+    zero_mse = float(task.y_train.detach().to(torch.float64).square().sum()) / x_train.shape[0]
+    return engine.Data(x_train, y_train, x_test, y_test, [zero_mse])
 
-    config = {"lam": lam, "adam_steps": adam_steps, "adam_lr": adam_lr, "sgd_steps": sgd_steps,
-              "sgd_lr": sgd_lr, "sgd_momentum": sgd_momentum, "adapt_every": adapt_every if adaptive else None,
-              "adapt_during_sgd": adapt_during_sgd, "world_size": world}
-    total = adam_steps + sgd_steps
 
-    step, history = 0, []
-    resume_path = _resume_path(resume, checkpoint_path)
-    if resume_path is not None:
-        ckpt = _load_resume(resume_path, device, config, CHECKPOINT_FORMAT)
-        try:
-            module.load_state_dict(ckpt["model"])
-        except (RuntimeError, ValueError) as e:
-            check.fail(ValueError, "resume", "a checkpoint of this model", "%s, written for another one (%s)"
-                       % (resume_path, str(e).strip().replace("\n\t", " ").replace("\n", " ")[:400]))
-        step, history = int(ckpt["step"]), list(ckpt["history"])
-        phase = ckpt["phase"]
-        opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=graphed)
-        opt.load_state_dict(ckpt["optimizer"])
-    else:
-        phase = "adam" if adam_steps > 0 else "sgd"
-        opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=graphed)
-    resumed_from = step
-    Lt = float(getattr(module, "effective_depth", 0.0))
-    max_rho_Lt = float(module.rho.detach().max()) * Lt if module.rho.numel() else 0.0
-    overshoots, updates = 0, 0
-
-    def body(opt):
-        loss = data_scale * (net(x_shard) - y_shard).square().sum() + module.regularization(lam)
-        loss.backward()
-        opt.step()
-
-    runner = _graph.TrainStep(body, graphed=graphed, device=device,
-                              watch=lambda: list(module.parameters()) + list(module.buffers()))
-
-    def evaluate():
-        with torch.no_grad():
-            sq = (module(x_shard) - y_shard).square().sum().to(torch.float64).reshape(1)
-            if reduce is not None:
-                sq = reduce(sq)
-            train = float(sq[0]) / n_total
-            reg = float(module.regularization(lam))
-            test = float(mse(module(x_test), y_test)) if has_test else float("nan")
-        return {"step": step, "phase": phase, "loss": train + reg, "train_mse": train, "reg": reg,
-                "test_mse": test, "rho": [float(r) for r in module.rho.detach().cpu()]}
-
-    def checkpoint():
-        if checkpoint_path is None or rank != 0:
-            return
-        _save_atomic({"format": CHECKPOINT_FORMAT, "step": step, "phase": phase, "model": module.state_dict(),
-                      "optimizer": opt.state_dict(), "history": history, "config": config}, checkpoint_path)
-        if history_path is not None:
-            save_history(history, history_path)
-
-    def check_divergence(rec):
-        if not _divergence(rec["loss"], history[0]["loss"] if history else None, zero_mse, diverge_factor)[0]:
-            return
-        if history and history[-1] is not rec:
-            history.append(rec)
-        if bar is not None:
-            bar.close()
-        if history_path is not None and rank == 0:
-            save_history(history, history_path)
-        raise _divergence_error(rec, history[0]["loss"], zero_mse, diverge_factor, (adam_lr, sgd_lr), history_path,
-                                FitResult(history=history, steps=rec["step"], wall_s=time.perf_counter() - t0,
-                                          resumed_from=resumed_from, max_rho_Lt=max_rho_Lt))
-
-    bar = _progress_bar(total, step, desc or "fit", progress) if rank == 0 else None
-    t0 = time.perf_counter()
-    if not history:
-        history.append(evaluate())
-        check_divergence(history[0])
-    while step < total:
-        if step == adam_steps and phase == "adam":
-            phase = "sgd"
-            opt = _make_optimizer(phase, params, adam_lr, sgd_lr, sgd_momentum, capturable=graphed)
-        if adaptive and step % adapt_every == 0 and (phase == "adam" or adapt_during_sgd):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", StepOvershootWarning)
-                module.adapt_steps(x_shard, reduce=reduce)
-            updates += 1
-            if rho_Lt_violations(module.rho, Lt):
-                overshoots += 1
-            max_rho_Lt = max(max_rho_Lt, float(module.rho.detach().max()) * Lt)
-        runner(opt, key=(phase, module.effective_depth))
-        step += 1
-        if bar is not None:
-            bar.update(1)
-        due = checkpoint_every and step % checkpoint_every == 0 and step < total
-        if step % log_every == 0 or step == total or step == adam_steps:
-            rec = evaluate()
-            history.append(rec)
-            check_divergence(rec)
-            if bar is not None:
-                bar.set_postfix(loss="%.4g" % rec["loss"], test="%.4g" % rec["test_mse"], refresh=False)
-            if callback is not None:
-                callback(step, module, rec)
-        elif due and checkpoint_path is not None:
-            check_divergence(evaluate())
-        if due:
-            checkpoint()
-    if bar is not None:
-        bar.close()
-    wall = time.perf_counter() - t0
-    if step > resumed_from or (checkpoint_path is not None and not os.path.exists(checkpoint_path)):
-        checkpoint()
-    if history_path is not None and rank == 0:
-        save_history(history, history_path)
-    if overshoots:
-        warnings.warn("fit: adaptive steps pushed rho_l * Lt above 1 in %d of %d updates (max %.4g, Lt = %g): the "
-                      "skip connection 1 - rho_l*Lt is negative there; use more layers or a smaller Lt"
-                      % (overshoots, updates, max_rho_Lt, Lt), StepOvershootWarning, stacklevel=2)
-    return FitResult(history=history, steps=step, wall_s=wall, resumed_from=resumed_from, max_rho_Lt=max_rho_Lt)
+def _ensemble_data(task, B, d_in, d_out, device, dtype):
+    """A LeakyEnsemble's :class:`~leakycuda.engine.Data` from one task shared by the members, or a sequence of B
+    tasks of equal shapes: [N, d] when shared, [B, N, d] when stacked; no test pair when there are no test points.
+    Checked as fit checks a task (finite, matching widths, N >= 1)."""
+    tasks = list(task) if isinstance(task, (list, tuple)) else [task]
+    if len(tasks) not in (1, B):
+        check.fail(ValueError, "task", "one task (shared by the members) or a sequence of B = %d tasks" % B,
+                   "a sequence of %d" % len(tasks))
+    for t in tasks:
+        _check_task(t, d_in, d_out)
+    out = []
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        ts = [getattr(t, name, None) for t in tasks]
+        if ts[0] is None:
+            out.append(None)
+            continue
+        shapes = sorted({tuple(t.shape) for t in ts})
+        if len(shapes) != 1:
+            check.fail(ValueError, "task", "B tasks whose %s have one shape (they train together)" % name,
+                       "shapes %s" % shapes)
+        out.append((ts[0] if len(ts) == 1 else torch.stack(ts)).to(device=device, dtype=dtype))
+    if out[2] is not None and out[2].shape[-2] == 0:
+        out[2] = out[3] = None
+    y_train = out[1]
+    zero_mse = (y_train.detach().to(torch.float64).square().sum(dim=(-2, -1)) / y_train.shape[-2]).expand(B).tolist()
+    return engine.Data(*out, zero_mse)
