@@ -481,7 +481,7 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
     _dump({"config": dataclasses.asdict(cfg), "seed": seed, "task": task.describe(), "machine": machine_info(device),
            "train_seconds": t_train, "final": fin, "summary": summary, "layers": stats,
            "convergence": _convergence(model, task, cfg.lam), "refine": extra["refine"],
-           "diagnostics": json.loads(report.to_json()), "files": _names(files)}, files["json"])
+           "diagnostics": json.loads(report.to_json()), "files": file_names(files)}, files["json"])
     log("")
     log("wrote %s" % ", ".join(files[k] for k in ("spectra", "energies", "history_plot", "history", "history_csv",
                                                    "json")))
@@ -489,7 +489,7 @@ def run_demo(out, *, device="cpu", dtype=torch.float32, cfg=DEMO, seed=0, progre
     return {"summary": summary, "final": fin, "files": files, "layers": stats}
 
 
-def _names(files):
+def file_names(files):
     """File names relative to the output folder (the JSON stays valid when the folder moves)."""
     return {k: os.path.basename(v) for k, v in files.items()}
 
@@ -540,7 +540,7 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
             "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs}
     files = plot_fig1(data, out)
     files["json"] = os.path.join(out, "fig1.json")
-    data["files"] = _names(files)
+    data["files"] = file_names(files)
     _dump(data, files["json"])
     log("fig1: wrote %s (%.0f s)" % (", ".join(files.values()), time.perf_counter() - t0))
     return {"runs": runs, "files": files}
@@ -587,7 +587,7 @@ def run_fig2(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
                              for L in depths] for s in schemes}}
     files = plot_fig2(data, out)
     files["json"] = os.path.join(out, "fig2.json")
-    data["files"] = _names(files)
+    data["files"] = file_names(files)
     _dump(data, files["json"])
     log("fig2: wrote %s (%.0f s)" % (", ".join(files.values()), time.perf_counter() - t0))
     return {"runs": runs, "files": files}

@@ -4,8 +4,8 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
+import types
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from . import plots
 from ._env import machine_info
 from .data import bottleneck_task
 from . import _validate as check
-from .experiments import _names
+from .experiments import file_names
 from .functional import leaky_stack
 from .module import LeakyResNet
 from .train import fit, mse
@@ -220,30 +220,20 @@ def entropy_rank(s):
 # --- shared training and output helpers --------------------------------------------------------------------------
 
 
-def _bar(total, desc, progress):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
-                disable=None if progress is None else not progress)
-
-
 def _gradient_descent(model, x, y, lam, lr, steps, *, record_at=(), record=None, progress=None, desc=None):
-    """Full-batch gradient descent (no momentum) on mse(model(x), y) + model.regularization(lam);
-    ``record(step, loss)`` is called before the update of every step in ``record_at`` (and after the last step)."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    record_at = set(record_at)
-    bar = _bar(steps, desc, progress)
-    for step in range(steps + 1):
-        opt.zero_grad(set_to_none=True)
-        loss = mse(model(x), y) + model.regularization(lam)
-        if record is not None and (step in record_at or step == steps):
-            record(step, loss.detach().item())
-        if step == steps:
-            break
-        loss.backward()
-        opt.step()
-        bar.update(1)
-    bar.close()
+    """Full-batch gradient descent (no momentum) on mse(model(x), y) + model.regularization(lam), run by :func:`fit`
+    (SGD only); ``record(step, loss)`` is called before the update of every step in ``record_at`` (and after the
+    last step)."""
+    if record is not None and (0 in record_at or steps == 0):
+        with torch.no_grad():
+            loss = float(mse(model(x), y) + model.regularization(lam))
+        record(0, loss)
+    if steps == 0:
+        return
+    at = sorted({s for s in record_at if 0 < s < steps} | {steps})
+    fit(model, types.SimpleNamespace(x_train=x, y_train=y), lam, adam_steps=0, sgd_steps=steps, sgd_lr=lr,
+        log_every=at, checkpoint_every=None, progress=progress, desc=desc, diverge_factor=None, cuda_graph=False,
+        callback=None if record is None else lambda step, _, rec: record(step, rec["loss"]))
 
 
 def _rounded(values, digits=6):
@@ -260,7 +250,7 @@ def _finish(name, data, out, plot, t0, log):
     data["seconds"] = time.perf_counter() - t0
     files = plot(data, out)
     files["json"] = os.path.join(out, name.replace("-", "_") + ".json")
-    data["files"] = _names(files)
+    data["files"] = file_names(files)
     with open(files["json"], "w") as f:
         json.dump(data, f, separators=(",", ":"))
     log("%s: wrote %s (%.1f s)" % (name, ", ".join(files.values()), data["seconds"]))
