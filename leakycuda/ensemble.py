@@ -11,7 +11,7 @@ from . import steps as _steps
 from .functional import leaky_stack
 from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
-from .module import INITS, STEP_SCHEMES, LeakyResNet, SavedSettings, _effective_depth
+from .module import INITS, STEP_SCHEMES, LeakyResNet, SavedSettings, check_effective_depth
 
 __all__ = ["LeakyEnsemble"]
 
@@ -269,7 +269,7 @@ class LeakyEnsemble(SavedSettings, nn.Module):
         checked = []
         for b, v in enumerate(values):
             try:
-                checked.append(_effective_depth(v))
+                checked.append(check_effective_depth(v))
             except (TypeError, ValueError) as e:
                 raise type(e)("member %d: %s" % (b, e)) from None
         self._Lts = checked
@@ -398,7 +398,7 @@ class LeakyEnsemble(SavedSettings, nn.Module):
     @staticmethod
     def _check_member_settings(b, cfg):
         try:
-            _effective_depth(cfg["effective_depth"])
+            check_effective_depth(cfg["effective_depth"])
             _steps.check_scheme(cfg["steps"], STEP_SCHEMES, name="steps")
             _steps.check_irregularity(cfg["a"])
             _steps.check_scheme(cfg["init"], INITS, name="init")

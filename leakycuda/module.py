@@ -35,7 +35,9 @@ def _check_factory(device, dtype):
                    % (", ".join(str(d) for d in allowed), device.type), str(dtype))
 
 
-def _effective_depth(value):
+def check_effective_depth(value):
+    """Lt as a float: a finite real number >= 0 (or a one-element tensor holding one); TypeError or ValueError
+    naming effective_depth otherwise."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -151,7 +153,7 @@ class LeakyResNet(SavedSettings, nn.Module):
         self.out_features = _positive_int(out_features, "out_features", "d_out, the output size")
         self.width = _positive_int(width, "width", "w, the width of the representations")
         self.depth = _positive_int(depth, "depth", "L, the number of leaky layers")
-        self._effective_depth = _effective_depth(effective_depth)
+        self._effective_depth = check_effective_depth(effective_depth)
         self.steps = _steps.check_scheme(steps, STEP_SCHEMES, name="steps")
         self.a = _steps.check_irregularity(a)
         if self.a != 0.0 and self.steps != "irregular":
@@ -187,7 +189,7 @@ class LeakyResNet(SavedSettings, nn.Module):
 
     @effective_depth.setter
     def effective_depth(self, value):
-        self._effective_depth = _effective_depth(value)
+        self._effective_depth = check_effective_depth(value)
         _steps.warn_if_overshoot(self.rho, self._effective_depth, where="LeakyResNet.effective_depth")
 
     @property
@@ -306,7 +308,7 @@ class LeakyResNet(SavedSettings, nn.Module):
             check.fail(ValueError, "the state dict's LeakyResNet extra state", "a dict with 'effective_depth' and "
                        "'steps' (written by get_extra_state)", repr(state))
         self._check_saved_activation(state)
-        self._effective_depth = _effective_depth(state["effective_depth"])
+        self._effective_depth = check_effective_depth(state["effective_depth"])
         self.steps = _steps.check_scheme(state["steps"], STEP_SCHEMES, name="steps")
         self.a = _steps.check_irregularity(state.get("a", 0.0))
         self.init = _steps.check_scheme(state.get("init", self.init), INITS, name="init")
