@@ -46,13 +46,13 @@ def main(argv):
         data = merge(datas)
     except (OSError, ValueError) as e:
         sys.exit("merge_fig2.py: %s" % e)
-    from leakycuda.experiments import _names, plot_fig2
+    from leakycuda.experiments import file_names, plot_fig2
 
     out = argv[0]
     os.makedirs(out, exist_ok=True)
     files = plot_fig2(data, out)
     files["json"] = os.path.join(out, "fig2.json")
-    data["files"] = _names(files)
+    data["files"] = file_names(files)
     with open(files["json"], "w") as f:
         json.dump(data, f, indent=1)
     print("wrote", ", ".join(files.values()))
