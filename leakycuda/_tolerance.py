@@ -67,3 +67,13 @@ def assert_close_to_reference(got, want, same_precision_error=None, name=""):
     ok, err, bound = compare(got, want, same_precision_error)
     assert ok, (f"{name}: error {err:.3g} > bound {bound:.3g} ({SAME_PRECISION_FACTOR} x the same-precision "
                 f"reference's error {same_precision_error:.3g})")
+
+
+#: The precisions a stack runs in: name -> (dtype, TF32 matmuls allowed); tf32/bf16/fp16 on CUDA only.
+PRECISIONS = {
+    "fp64": (torch.float64, False),
+    "fp32": (torch.float32, False),
+    "tf32": (torch.float32, True),
+    "bf16": (torch.bfloat16, False),
+    "fp16": (torch.float16, False),
+}

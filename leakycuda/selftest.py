@@ -44,18 +44,10 @@ import torch
 
 from . import reference as R
 from ._ops import ops
-from ._tolerance import FLOAT64_RTOL, SAME_PRECISION_FACTOR, compare, max_abs_error, worst_element
+from ._tolerance import FLOAT64_RTOL, PRECISIONS, SAME_PRECISION_FACTOR, compare, max_abs_error, worst_element
 
 PERTURB_ENV = "LEAKYCUDA_SELFTEST_PERTURB"
 
-#: name -> (dtype, TF32 matmuls allowed)
-PRECISIONS = {
-    "fp64": (torch.float64, False),
-    "fp32": (torch.float32, False),
-    "tf32": (torch.float32, True),
-    "bf16": (torch.bfloat16, False),
-    "fp16": (torch.float16, False),
-}
 CUDA_ONLY_PRECISIONS = ("tf32", "bf16", "fp16")
 ACTIVATIONS = ("relu", "linear")
 #: Energies tolerances by input dtype: (values, gradients), relative to each result's largest entry.

@@ -15,6 +15,7 @@ import leakycuda as lc
 from leakycuda import reference as ref
 from leakycuda._ops import ops
 from helpers import has_cuda_kernel
+from leakycuda._tolerance import PRECISIONS
 from leakycuda._tolerance import assert_close_to_reference as assert_near_reference  # 4x eager at low precision
 
 HAS_CUDA_KERNELS = has_cuda_kernel("leaky_stack")
@@ -25,14 +26,6 @@ pytestmark = [
 
 ACTIVATIONS = ["relu", "linear"]
 MODELS = [None, 1, 3]  # None: one model (3-D W); B: B models (4-D W)
-# name -> (dtype, TF32 allowed)
-PRECISIONS = {
-    "fp64": (torch.float64, False),
-    "fp32": (torch.float32, False),
-    "tf32": (torch.float32, True),
-    "bf16": (torch.bfloat16, False),
-    "fp16": (torch.float16, False),
-}
 # (N, w, L): width buckets 128, 64 and 256 of the persistent kernels, and the large-width (GEMM) path.
 SHAPES = [(37, 100, 20), (5, 7, 3), (19, 129, 6), (21, 300, 4)]
 
