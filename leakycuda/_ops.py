@@ -74,8 +74,9 @@ def num_states(L, k):
     return -(-L // k)
 
 
-# The ops' fake (meta) implementations are C++ Meta kernels (csrc/ops.cpp) that run the kernels' own
-# argument checks on symbolic sizes; leaky_layer(_backward) reach them through the stack ops.
+# The ops' fake (meta) implementations are C++ Meta kernels (csrc/generic/leaky_stack_checks.cpp) that
+# run the kernels' own argument checks on symbolic sizes; leaky_layer(_backward) reach them through the
+# stack ops.
 
 
 def _leaky_stack_setup(ctx, inputs, output):
