@@ -1,5 +1,5 @@
-"""The `leakycuda` command line: demo, reproduce fig1|fig2|dln-rank|dln-saddle|fcnn-bottleneck, bench, info and
-selftest.
+"""The `leakycuda` command line: demo, reproduce fig1|fig2|dln-rank|dln-saddle|fcnn-bottleneck, merge, bench, info
+and selftest. ``torchrun --nproc-per-node K -m leakycuda reproduce ...`` spreads an experiment's runs over K ranks.
 
 Every flag is checked before any work runs; a bad value ends the command with one line,
 "leakycuda <command>: error: argument --flag: ...", and exit code 2. A run whose training diverges
@@ -114,6 +114,10 @@ def _prepare_demo(args, parser):
     from . import _validate
     from .experiments import demo, sweep
 
+    if _launch() is not None:
+        parser.error("leakycuda demo trains one run: launch it without torchrun (WORLD_SIZE=%d); torchrun spreads "
+                     "the runs of 'leakycuda reproduce'" % _launch()[1])
+
     over = _overrides(args)
     if args.Lt is not None:
         over["Lt"] = args.Lt
@@ -140,6 +144,9 @@ def _prepare_related(args, parser):
     if args.pad_depths:
         parser.error("argument --pad-depths: applies to 'reproduce fig2' only, not to %s (it trains no ensemble)"
                      % args.figure)
+    if args.sequential:
+        parser.error("argument --sequential: applies to 'reproduce fig1|fig2' only, not to %s (it trains its runs one "
+                     "at a time already)" % args.figure)
     out = os.path.join("leakycuda_out", args.figure) if args.out is None else args.out
     out = _checked(parser, _validate.writable_path, out, "out", folder=True)
     seeds = args.seeds
@@ -152,7 +159,7 @@ def _prepare_related(args, parser):
         parser.error("argument --device: must be 'cpu' or 'cuda[:i]' (a run computes real numbers), got 'meta'")
     dtype = None if args.dtype is None else _dtype(args.dtype)
     kw = dict(quick=args.quick, device=device, dtype=dtype, seeds=seeds, progress=False if args.no_progress else None)
-    return out, kw
+    return out, _distributed(args, parser, out, kw)
 
 
 def _prepare_reproduce(args, parser):
@@ -185,7 +192,45 @@ def _prepare_reproduce(args, parser):
               progress=False if args.no_progress else None, sequential=args.sequential, **sweep)
     if args.pad_depths:
         kw["pad_depths"] = True
-    return out, kw
+    return out, _distributed(args, parser, out, kw)
+
+
+def _launch():
+    """(rank, world size, local rank) of a ``torchrun`` launch of more than one process, from its environment
+    variables; None otherwise."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return None
+    return (rank, size, local) if size > 1 else None
+
+
+def _distributed(args, parser, out, kw):
+    """reproduce's keyword arguments with --shard (checked) or, under torchrun, the rank's device and log."""
+    import torch
+
+    from .experiments.distribute import parse_shard
+
+    launch = _launch()
+    if args.shard is not None:
+        if launch is not None:
+            parser.error("argument --shard: not with torchrun (WORLD_SIZE=%d): its ranks split the runs themselves; "
+                         "use --shard i/n in single-process jobs of an array" % launch[1])
+        kw["shard"] = _checked(parser, parse_shard, args.shard, "shard")
+    elif launch is not None:
+        rank, size, local = launch
+        device = kw["device"]
+        if device.type == "cuda" and device.index is None:  # one GPU per rank
+            if local >= torch.cuda.device_count():
+                parser.error("argument --device: rank %d (LOCAL_RANK %d) has no GPU of its own: this machine has %d; "
+                             "launch at most that many processes per node" % (rank, local, torch.cuda.device_count()))
+            kw["device"] = torch.device("cuda", local)
+        prefix = "[rank %d of %d]" % (rank, size)
+        kw["log"] = lambda *a: print(prefix, *a, flush=True)
+        if rank != 0:
+            kw["progress"] = False
+    return kw
 
 
 def _cmd_demo(args, prepared):
@@ -200,9 +245,52 @@ def _cmd_demo(args, prepared):
 
 def _cmd_reproduce(args, prepared):
     from . import experiments
+    from .experiments.distribute import part_path
 
     out, kw = prepared
-    experiments.get(args.figure).run(out, **kw)
+    launch = _launch()
+    if launch is None:
+        experiments.get(args.figure).run(out, **kw)
+    else:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")  # the ranks exchange their runs' JSON records only, so the CPU backend
+        try:
+            experiments.get(args.figure).run(out, **kw)
+        finally:
+            # Every rank done before any tears gloo down (a rank that destroys its group while another still
+            # talks to it can abort that one).
+            dist.barrier()
+            dist.destroy_process_group()
+        if launch[0] != 0:
+            return 0
+    if "shard" in kw:
+        i, n = kw["shard"]
+        print("shard %d of %d in %s; once every shard has run: leakycuda merge %s %s"
+              % (i, n, os.path.abspath(part_path(out, args.figure, "shard", i, n)), out,
+                 part_path(out, args.figure, "shard", 0, n).replace("-0-of-", "-*-of-")))
+        return 0
+    print("results in %s" % os.path.abspath(out))
+    return 0
+
+
+def _prepare_merge(args, parser):
+    """merge's checked parts, before anything is written: (OUT, what read_parts gives)."""
+    from . import _validate
+    from .experiments.distribute import read_parts
+
+    try:
+        out = _validate.writable_path(args.out, "OUT", folder=True)
+        return out, read_parts(args.parts)
+    except (TypeError, ValueError, OSError) as e:
+        parser.error(" ".join(str(e).split()))
+
+
+def _cmd_merge(args, prepared):
+    from .experiments.distribute import write_merged
+
+    out, parts = prepared
+    write_merged(out, parts)
     print("results in %s" % os.path.abspath(out))
     return 0
 
@@ -371,7 +459,7 @@ def build_parser():
 
     p = _Parser(prog="leakycuda", description="Leaky ResNets: demo, paper figures, benchmarks, build info.")
     p.add_argument("--version", action="version", version="leakycuda %s" % __version__)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,reproduce,bench,info,selftest}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,reproduce,merge,bench,info,selftest}")
 
     d = sub.add_parser("demo", help="train on the 30 -> 3 -> 30 task, print per-layer energies and the rank estimate, "
                                     "write PNGs and JSON (about a minute on a 2-core CPU)")
@@ -409,11 +497,24 @@ def build_parser():
     r.add_argument("--sequential", action="store_true",
                    help="train the runs one at a time (default: batched, as one ensemble per group of runs that "
                         "share a depth; the same numbers up to float rounding)")
+    r.add_argument("--shard", metavar="I/N",
+                   help="train only shard I of N of the runs (1 <= I <= N; the same split for every shard) and write "
+                        "OUT/parts/<experiment>.shard-I-of-N.json, for the tasks of a job array; 'leakycuda merge' "
+                        "joins the parts. A rerun skips the runs its part file holds. Under torchrun the ranks split "
+                        "the runs without it")
     r.add_argument("--pad-depths", action="store_true",
                    help="fig2: train every depth in one ensemble, the shallower stacks padded with identity layers "
                         "(rho_l = 0; default: one ensemble per depth)")
     _add_run_options(r, "the paper's: width 100, 1000 points, 5000 Adam + 1000 SGD steps, lam 1e-2")
     r.set_defaults(func=_cmd_reproduce, prepare=_prepare_reproduce)
+
+    m = sub.add_parser("merge", help="join the part files of 'reproduce ... --shard I/N' into the experiment's JSON "
+                                     "and PNGs (parts of different settings, a missing or a duplicate shard are "
+                                     "refused)")
+    m.add_argument("out", metavar="OUT", help="output folder of the merged result")
+    m.add_argument("parts", metavar="PART", nargs="+", help="the shards' part files (OUT/parts/<experiment>.shard-"
+                                                            "I-of-N.json)")
+    m.set_defaults(func=_cmd_merge, prepare=_prepare_merge)
 
     b = sub.add_parser("bench", help="run bench/bench_stack.py when the current folder is a clone, else a short "
                                      "built-in timing")
@@ -478,6 +579,7 @@ def main(argv=None):
 
     Returns its exit code: 0, or 1 when training diverged (one line on stderr; the history is kept).
     """
+    from .experiments.distribute import RunsFailed
     from .train import DivergenceError
 
     parser = build_parser()
@@ -494,6 +596,9 @@ def main(argv=None):
         for name, flag in (("adam_lr", "--lr"), ("sgd_lr", "--sgd-lr")):  # the hint names the flag to change
             msg = msg.replace("lower %s" % name, "lower %s" % flag)
         print("%s: error: %s" % (sub.prog, msg), file=sys.stderr)
+        return 1
+    except RunsFailed as e:
+        print("%s: error: %s" % (sub.prog, " ".join(str(e).split())), file=sys.stderr)
         return 1
 
 

@@ -1,4 +1,6 @@
 """Full-batch training of a LeakyResNet: Adam then SGD, adaptive steps, history, checkpoints, DDP."""
+import contextlib
+import contextvars
 import csv
 import dataclasses
 import math
@@ -13,7 +15,7 @@ from . import _json
 from . import _validate as check
 from .steps import STABLE_RHO_LT, StepOvershootWarning, rho_Lt_violations
 
-__all__ = ["DivergenceError", "FitResult", "fit", "load_checkpoint", "mse", "save_history"]
+__all__ = ["DivergenceError", "FitResult", "fit", "load_checkpoint", "mse", "one_process", "save_history"]
 
 CHECKPOINT_FORMAT = "leakycuda.fit/1"
 
@@ -89,9 +91,24 @@ def save_history(history, path):
             w.writerow([rec[k] for k in fields[: len(fields) - L]] + list(rec.get("rho", [])))
 
 
+_ONE_PROCESS = contextvars.ContextVar("leakycuda_fit_one_process", default=False)
+
+
+@contextlib.contextmanager
+def one_process():
+    """Inside it, :func:`fit` trains on this process's data alone even when ``torch.distributed`` is initialised:
+    the ranks of a distributed sweep (leakycuda.experiments.distribute) train different runs, not shards of one
+    run's batch."""
+    token = _ONE_PROCESS.set(True)
+    try:
+        yield
+    finally:
+        _ONE_PROCESS.reset(token)
+
+
 def _dist_info():
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
+    if not _ONE_PROCESS.get() and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -348,7 +365,8 @@ def fit(model, task, lam, *, adam_steps=5000, adam_lr=1e-3, sgd_steps=1000, sgd_
     that DDP's gradient average is exactly the full-batch gradient; the adaptive statistics are
     all-reduced (summed) so every rank holds the same rho. The parameters then match a single
     process on the full batch up to float rounding. Only rank 0 shows progress and writes files.
-    Use gloo on CPU and nccl on CUDA (the caller initialises the process group).
+    Use gloo on CPU and nccl on CUDA (the caller initialises the process group). Inside
+    :func:`one_process` every process trains its own model on its own data instead.
 
     CUDA graphs: on a CUDA device in a single process (``cuda_graph=None``, the default) each training
     step (forward, backward, optimizer step) is captured once in a CUDA graph and replayed, after

@@ -1,7 +1,6 @@
 """Tests of the `leakycuda` command line in tiny settings: demo, reproduce fig1|fig2 --quick, the related
-experiments' dispatch, info."""
+experiments' dispatch, info (shards, torchrun and merge: test_distribute.py)."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -9,13 +8,9 @@ import sys
 import pytest
 import torch
 
-from leakycuda import _json, cli
+from leakycuda import cli
 
 TINY = ["--steps", "12", "--sgd-steps", "3", "--width", "8", "--n-train", "40", "--n-test", "20", "--no-progress"]
-
-
-def _refuse(token):
-    raise ValueError("not strict JSON: %s" % token)
 
 
 def flat(value, path=()):
@@ -99,36 +94,6 @@ def test_reproduce_fig2_pad_depths(tmp_path, capsys):
             cli.main(["reproduce"] + bad + ["--quick", "--out", str(tmp_path / "x")])
         assert e.value.code == 2 and "--pad-depths" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-
-
-def test_fig2_launches_at_different_depths_merge_into_the_one_launch(tmp_path):
-    """leakycuda.experiments.merge: fig2 run at L = 4 and at L = 6 separately, merged, gives the runs and the
-    test_mse table of one launch at L = 4, 6 (each depth trains as its own ensemble, so the numbers agree).
-    One input is rewritten the way files were before strict JSON (continue_above: Infinity); the output is strict."""
-    for name, depths in (("a", "4"), ("b", "6"), ("both", "4,6")):
-        assert cli.main(["reproduce", "fig2", "--quick", "--out", str(tmp_path / name), "--depths", depths,
-                         "--seeds", "2"] + TINY) == 0
-    old = _json.load(tmp_path / "a" / "fig2.json")
-    assert old["config"]["continue_above"] == math.inf
-    (tmp_path / "a" / "fig2.json").write_text(json.dumps(old, indent=1))
-    assert '"continue_above": Infinity' in (tmp_path / "a" / "fig2.json").read_text()
-    script = ["-m", "leakycuda.experiments.merge"]
-    r = subprocess.run([sys.executable, *script, str(tmp_path / "m"), str(tmp_path / "b" / "fig2.json"),
-                        str(tmp_path / "a" / "fig2.json")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    text = (tmp_path / "m" / "fig2.json").read_text()
-    assert json.loads(text, parse_constant=_refuse)["config"]["continue_above"] is None
-    got, ref = (_json.load(tmp_path / n / "fig2.json") for n in ("m", "both"))
-    assert got["config"] == ref["config"] and got["config"]["continue_above"] == math.inf
-    assert got["depths"] == [4, 6] and [p["depths"] for p in got["parts"]] == [[6], [4]]
-    key = lambda run: (run["scheme"], run["L"], run["seed"])
-    assert [key(run) for run in got["runs"]] == [key(run) for run in ref["runs"]]
-    assert_same_numbers([run["final"] for run in got["runs"]], [run["final"] for run in ref["runs"]], rel=1e-6)
-    assert_same_numbers(got["test_mse"], ref["test_mse"], rel=1e-6)
-    assert (tmp_path / "m" / "fig2a.png").stat().st_size > 0
-    r = subprocess.run([sys.executable, *script, str(tmp_path / "m2"), str(tmp_path / "a" / "fig2.json"),
-                        str(tmp_path / "both" / "fig2.json")], capture_output=True, text=True)
-    assert r.returncode == 1 and "share a depth" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["dln-rank", "dln-saddle", "fcnn-bottleneck"])

@@ -2,18 +2,17 @@
 import dataclasses
 import os
 import sys
-import time
 
 import torch
 
 from .sweep import file_names
 from .. import _json
 from .. import _validate as check
-from .._env import machine_info
 from ..train import mse
 
 __all__ = ["check_depths", "check_nonnegative", "check_positive", "check_preset_run", "check_values",
-           "checked_config", "gradient_descent", "log_header", "plot_over_seeds", "rounded", "write_result"]
+           "checked_config", "finisher", "gradient_descent", "log_header", "plot_over_seeds", "rounded", "run_jobs",
+           "write_result"]
 
 
 def _bar(total, desc, progress):
@@ -49,11 +48,11 @@ def rounded(values, digits=6):
     return float("%.*g" % (digits, values))
 
 
-def write_result(name, data, out, plot, t0, log):
-    """Writes the PNGs and ``<name>.json`` (with the wall time; compact, as the trajectories make it long) to
-    ``out``; returns the result dict."""
+def write_result(name, data, out, plot, seconds, log):
+    """Writes the PNGs and ``<name>.json`` (with the wall time ``seconds``; compact, as the trajectories make it
+    long) to ``out``; returns the result dict."""
     os.makedirs(out, exist_ok=True)
-    data["seconds"] = time.perf_counter() - t0
+    data["seconds"] = seconds
     files = plot(data, out)
     files["json"] = os.path.join(out, name.replace("-", "_") + ".json")
     data["files"] = file_names(files)
@@ -121,6 +120,37 @@ def checked_config(config, cls, presets, quick):
     return config.check()
 
 
-def log_header(name, quick, cfg, device, dtype, seeds):
+def log_header(name, quick, cfg, dtype, seeds):
+    """What a related experiment's result depends on (its JSON's first fields; its part files are matched on it)."""
     return {"experiment": name, "quick": quick, "config": dataclasses.asdict(cfg), "seeds": seeds,
-            "dtype": str(dtype).replace("torch.", ""), "machine": machine_info(device)}
+            "dtype": str(dtype).replace("torch.", "")}
+
+
+def run_jobs(name, header, jobs, run_one, *, out, device, shard, log, t0):
+    """A related experiment's runs ``jobs`` (leakycuda.experiments.distribute.Job), trained one at a time by
+    ``run_one(i)`` -> the run's JSON record, in this process or spread over shards or ranks
+    (:func:`~leakycuda.experiments.distribute.execute`)."""
+    from .distribute import execute
+
+    def train(indices, emit):
+        for i in indices:
+            emit(i, run_one(i))
+
+    return execute(name, header, jobs, train, out=out, device=device, shard=shard, log=log, t0=t0)
+
+
+def finisher(name, plot, derived=None):
+    """The ``finish`` of a related experiment (leakycuda.experiments.registry.Experiment): its JSON is the header,
+    the machine, ``derived(header)`` (a dict of fields computed from the config), the runs, where the parts ran
+    (when spread over shards or ranks) and the wall time."""
+
+    def finish(header, runs, *, out, log=print, machine=None, seconds=0.0, parts=None):
+        data = dict(header, machine=machine)
+        if derived is not None:
+            data.update(derived(header))
+        data["runs"] = runs
+        if parts is not None:
+            data["parts"] = parts
+        return write_result(name, data, out, plot, seconds, log)
+
+    return finish

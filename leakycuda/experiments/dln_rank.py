@@ -7,7 +7,8 @@ import torch
 
 from . import plots
 from .common import (check_depths, check_nonnegative, check_positive, check_preset_run, check_values, checked_config,
-    gradient_descent, log_header, plot_over_seeds, write_result)
+    finisher, gradient_descent, log_header, plot_over_seeds, run_jobs)
+from .distribute import Job, check_shard
 from .linear_nets import (DeepLinear, entropy_rank, low_rank_regression, numerical_rank, schatten_minimizer, schatten_thresholds)
 from .registry import Experiment
 from .. import _validate as check
@@ -55,7 +56,8 @@ class DLNRankConfig:
 DLN_RANK = {"full": DLNRankConfig(), "quick": DLNRankConfig(steps=1500)}
 
 
-def run_dln_rank(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), progress=None, log=print, config=None):
+def run_dln_rank(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), progress=None, log=print, config=None,
+                 shard=None):
     """dln-rank: singular values and effective rank of the end-to-end matrix of L2-regularized deep linear networks
     against depth L, next to the closed-form Schatten-2/L minimizer (:func:`schatten_minimizer`).
 
@@ -65,49 +67,61 @@ def run_dln_rank(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), prog
     values, the global and the "largest" (local) closed-form minimizers, their numerical ranks (values above
     rtol * max) and entropy ranks, the largest gap between learned and each prediction, and the gradient norm at
     the end (stationarity). dtype None: float64. Writes dln_rank.json and dln_rank.png to ``out``.
+    ``shard`` ("i/n"): only shard i of n of the runs, into a part file (leakycuda.experiments.distribute).
     """
     cfg = checked_config(config, DLNRankConfig, DLN_RANK, quick)
     out, device, dtype, seeds = check_preset_run(out, device, dtype or torch.float64, seeds)
+    shard = check_shard(shard)
     t0 = time.perf_counter()
-    data = log_header("dln-rank", quick, cfg, device, dtype, seeds)
-    data["thresholds"] = {str(L): dict(zip(("b_exist", "b_star"), schatten_thresholds(cfg.lam, L)))
-                          for L in cfg.depths}
-    runs = []
-    for seed in seeds:
-        task = low_rank_regression(cfg.d, cfg.spectrum, cfg.n, noise=cfg.noise, seed=seed, dtype=dtype, device=device)
-        b = torch.linalg.svdvals(task["B"].double()).cpu()
-        for L in cfg.depths:
-            t = time.perf_counter()
-            gen = torch.Generator().manual_seed(10_000 + 100 * seed + L)
-            model = DeepLinear(cfg.d, L, init=cfg.init, scale=cfg.init_scale, generator=gen, device=device,
-                               dtype=dtype)
-            losses = []
-            gradient_descent(model, task["x"], task["y"], cfg.lam, cfg.lr0 / L, cfg.steps,
-                              record_at=range(0, cfg.steps, max(1, cfg.steps // 100)),
-                              record=lambda step, loss: losses.append((step, loss)), progress=progress,
-                              desc="dln-rank L=%d seed=%d" % (L, seed))
-            model.zero_grad(set_to_none=True)
-            (mse(model(task["x"]), task["y"]) + model.regularization(cfg.lam)).backward()
-            with torch.no_grad():
-                s = torch.linalg.svdvals(model.end_to_end().double()).cpu()
-            pred = {br: torch.linalg.svdvals(schatten_minimizer(task["B"], cfg.lam, L, branch=br)).cpu()
-                    for br in ("global", "largest")}
-            run = {"seed": seed, "L": L, "lr": cfg.lr0 / L, "seconds": time.perf_counter() - t,
-                   "b": b.tolist(), "learned": s.tolist(), "final_loss": losses[-1][1], "loss_history": losses,
-                   "grad_norm": float(model.layers.grad.norm()),
-                   "rank": numerical_rank(s, cfg.rtol), "entropy_rank": entropy_rank(s)}
-            for br, sp in pred.items():
-                run[br] = sp.tolist()
-                run["rank_" + br] = numerical_rank(sp, cfg.rtol)
-                run["entropy_rank_" + br] = entropy_rank(sp)
-                run["max_abs_diff_" + br] = float((s - sp).abs().max())
-            runs.append(run)
-            log("dln-rank seed=%d L=%d  learned rank %d (global minimizer %d, largest local %d)  max|s - s_global| "
-                "%.2g  max|s - s_local| %.2g  |grad| %.1g  (%.1f s)"
-                % (seed, L, run["rank"], run["rank_global"], run["rank_largest"], run["max_abs_diff_global"],
-                   run["max_abs_diff_largest"], run["grad_norm"], run["seconds"]))
-    data["runs"] = runs
-    return write_result("dln-rank", data, out, plot_dln_rank, t0, log)
+    runs = [(seed, L) for seed in seeds for L in cfg.depths]
+    tasks = {}
+
+    def run_one(i):
+        seed, L = runs[i]
+        if seed not in tasks:
+            tasks.clear()
+            task = low_rank_regression(cfg.d, cfg.spectrum, cfg.n, noise=cfg.noise, seed=seed, dtype=dtype,
+                                       device=device)
+            tasks[seed] = task, torch.linalg.svdvals(task["B"].double()).cpu()
+        task, b = tasks[seed]
+        t = time.perf_counter()
+        gen = torch.Generator().manual_seed(10_000 + 100 * seed + L)
+        model = DeepLinear(cfg.d, L, init=cfg.init, scale=cfg.init_scale, generator=gen, device=device, dtype=dtype)
+        losses = []
+        gradient_descent(model, task["x"], task["y"], cfg.lam, cfg.lr0 / L, cfg.steps,
+                         record_at=range(0, cfg.steps, max(1, cfg.steps // 100)),
+                         record=lambda step, loss: losses.append((step, loss)), progress=progress,
+                         desc="dln-rank L=%d seed=%d" % (L, seed))
+        model.zero_grad(set_to_none=True)
+        (mse(model(task["x"]), task["y"]) + model.regularization(cfg.lam)).backward()
+        with torch.no_grad():
+            s = torch.linalg.svdvals(model.end_to_end().double()).cpu()
+        pred = {br: torch.linalg.svdvals(schatten_minimizer(task["B"], cfg.lam, L, branch=br)).cpu()
+                for br in ("global", "largest")}
+        run = {"seed": seed, "L": L, "lr": cfg.lr0 / L, "seconds": time.perf_counter() - t,
+               "b": b.tolist(), "learned": s.tolist(), "final_loss": losses[-1][1], "loss_history": losses,
+               "grad_norm": float(model.layers.grad.norm()),
+               "rank": numerical_rank(s, cfg.rtol), "entropy_rank": entropy_rank(s)}
+        for br, sp in pred.items():
+            run[br] = sp.tolist()
+            run["rank_" + br] = numerical_rank(sp, cfg.rtol)
+            run["entropy_rank_" + br] = entropy_rank(sp)
+            run["max_abs_diff_" + br] = float((s - sp).abs().max())
+        log("dln-rank seed=%d L=%d  learned rank %d (global minimizer %d, largest local %d)  max|s - s_global| "
+            "%.2g  max|s - s_local| %.2g  |grad| %.1g  (%.1f s)"
+            % (seed, L, run["rank"], run["rank_global"], run["rank_largest"], run["max_abs_diff_global"],
+               run["max_abs_diff_largest"], run["grad_norm"], run["seconds"]))
+        return run
+
+    jobs = [Job("seed=%d L=%d" % (seed, L), cost=float(L * cfg.steps)) for seed, L in runs]
+    return run_jobs("dln-rank", log_header("dln-rank", quick, cfg, dtype, seeds), jobs, run_one, out=out,
+                    device=device, shard=shard, log=log, t0=t0)
+
+
+def _thresholds(header):
+    cfg = header["config"]
+    return {"thresholds": {str(L): dict(zip(("b_exist", "b_star"), schatten_thresholds(cfg["lam"], L)))
+                           for L in cfg["depths"]}}
 
 
 def plot_dln_rank(data, out):
@@ -156,7 +170,7 @@ def plot_dln_rank(data, out):
 
 
 EXPERIMENT = Experiment(
-    name="dln-rank", run=run_dln_rank, plot=lambda data, out, json_path: plot_dln_rank(data, out),
+    name="dln-rank", run=run_dln_rank, finish=finisher("dln-rank", plot_dln_rank, _thresholds), plot=lambda data, out, json_path: plot_dln_rank(data, out),
     fields=("config", "seeds", "runs", "thresholds"),
     matches=lambda data: data.get("experiment") == "dln-rank",
     help="L2-regularized deep linear nets: end-to-end spectrum and rank against depth, vs the closed-form "

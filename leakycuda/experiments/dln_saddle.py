@@ -8,8 +8,9 @@ import time
 import torch
 
 from . import plots
-from .common import (check_depths, check_positive, check_preset_run, check_values, checked_config, gradient_descent, log_header,
-    rounded, write_result)
+from .common import (check_depths, check_positive, check_preset_run, check_values, checked_config, finisher,
+    gradient_descent, log_header, rounded, run_jobs)
+from .distribute import Job, check_shard
 from .linear_nets import DeepLinear, low_rank_regression
 from .registry import Experiment
 from .. import _validate as check
@@ -103,7 +104,8 @@ def _saddle_summary(rise):
             "rise_width": sum((c - a) / b for a, b, c in zip(t10, t50, t90)) / len(t50)}
 
 
-def run_dln_saddle(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), progress=None, log=print, config=None):
+def run_dln_saddle(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), progress=None, log=print, config=None,
+                   shard=None):
     """dln-saddle: the end-to-end singular values of a deep linear network over gradient descent, from a small
     init (they rise one at a time, from saddle to saddle) and from a large orthogonal init (they move together).
 
@@ -116,62 +118,71 @@ def run_dln_saddle(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), pr
     (how abrupt each rise is). Also the relative weight change
     ||M(T) - M(0)||_F / ||M(0)||_F (large: feature learning; small: lazy). dtype None: float64.
     Writes dln_saddle.json and dln_saddle_L<L>.png (one per depth, first seed) to ``out``.
+    ``shard`` ("i/n"): only shard i of n of the runs, into a part file (leakycuda.experiments.distribute).
     """
     cfg = checked_config(config, DLNSaddleConfig, DLN_SADDLE, quick)
     out, device, dtype, seeds = check_preset_run(out, device, dtype or torch.float64, seeds)
+    shard = check_shard(shard)
     t0 = time.perf_counter()
-    data = log_header("dln-saddle", quick, cfg, device, dtype, seeds)
     target = torch.tensor(cfg.spectrum, dtype=torch.float64)
-    runs = []
-    for seed in seeds:
-        task = low_rank_regression(cfg.d, cfg.spectrum, cfg.n, seed=seed, dtype=dtype, device=device)
-        U, _, Vh = torch.linalg.svd(task["A_star"].double().cpu())
-        r = len(cfg.spectrum)
-        for L in cfg.depths:
-            for init in ("small", "large"):
-                t = time.perf_counter()
-                if init == "small":
-                    lr = cfg.lr0 / (L * float(target[0]) ** (2 - 2 / L))
-                    steps = int(math.ceil(cfg.horizon_small[L] / lr))
-                else:
-                    steps = cfg.steps_large
-                    lr = cfg.horizon_large[L] / steps
-                gen = torch.Generator().manual_seed(20_000 + 100 * seed + L)
-                shape = dict(in_features=cfg.d, out_features=cfg.d, generator=gen, device=device, dtype=dtype)
-                if init == "small":
-                    model = DeepLinear(cfg.width, L, init="gaussian", scale=cfg.small_scale ** (1 / L), **shape)
-                else:
-                    model = DeepLinear(cfg.width, L, init="orthogonal", scale=cfg.large_scale, **shape)
-                M0 = model.layers.detach().clone()
-                times, svals, projs, losses = [], [], [], []
+    r = len(cfg.spectrum)
+    plan = [(seed, L, init) for seed in seeds for L in cfg.depths for init in ("small", "large")]
+    tasks = {}
 
-                def record(step, loss):
-                    with torch.no_grad():
-                        A = model.end_to_end().double().cpu()
-                    times.append(step * lr)
-                    svals.append(torch.linalg.svdvals(A)[: r + 2].tolist())
-                    projs.append(torch.einsum("ji,jk,ki->i", U[:, :r], A, Vh[:r].T).tolist())
-                    losses.append(loss)
+    def steps_lr(L, init):
+        if init == "small":
+            lr = cfg.lr0 / (L * float(target[0]) ** (2 - 2 / L))
+            return int(math.ceil(cfg.horizon_small[L] / lr)), lr
+        return cfg.steps_large, cfg.horizon_large[L] / cfg.steps_large
 
-                every = max(1, steps // cfg.records)
-                gradient_descent(model, task["x"], task["y"], 0.0, lr, steps,
-                                  record_at=set(range(min(steps, 50))) | set(range(0, steps, every)), record=record,
-                                  progress=progress, desc="dln-saddle L=%d %s seed=%d" % (L, init, seed))
-                rise = _rise_times(torch.tensor(times), torch.tensor(projs), target)
-                change = float((model.layers.detach() - M0).norm() / M0.norm())
-                run = {"seed": seed, "L": L, "init": init, "lr": lr, "steps": steps, "seconds": time.perf_counter() - t,
-                       "t": rounded(times), "singular_values": rounded(svals), "projections": rounded(projs),
-                       "loss": rounded(losses),
-                       "weight_change": change, "rise": rise, "summary": _saddle_summary(rise)}
-                runs.append(run)
-                sm = run["summary"]
-                log("dln-saddle seed=%d L=%d %-5s t50 %s  sequential %s  t50 spread %s  weight change %.3g  "
-                    "final loss %.2g  (%d steps, %.1f s)"
-                    % (seed, L, init, ", ".join("-" if v is None else "%.3g" % v for v in rise["t50"]),
-                       sm.get("sequential"), "%.3g" % sm["t50_spread"] if sm["complete"] else "-", change,
-                       losses[-1], steps, run["seconds"]))
-    data["runs"] = runs
-    return write_result("dln-saddle", data, out, plot_dln_saddle, t0, log)
+    def run_one(i):
+        seed, L, init = plan[i]
+        if seed not in tasks:
+            tasks.clear()
+            task = low_rank_regression(cfg.d, cfg.spectrum, cfg.n, seed=seed, dtype=dtype, device=device)
+            U, _, Vh = torch.linalg.svd(task["A_star"].double().cpu())
+            tasks[seed] = task, U, Vh
+        task, U, Vh = tasks[seed]
+        t = time.perf_counter()
+        steps, lr = steps_lr(L, init)
+        gen = torch.Generator().manual_seed(20_000 + 100 * seed + L)
+        shape = dict(in_features=cfg.d, out_features=cfg.d, generator=gen, device=device, dtype=dtype)
+        if init == "small":
+            model = DeepLinear(cfg.width, L, init="gaussian", scale=cfg.small_scale ** (1 / L), **shape)
+        else:
+            model = DeepLinear(cfg.width, L, init="orthogonal", scale=cfg.large_scale, **shape)
+        M0 = model.layers.detach().clone()
+        times, svals, projs, losses = [], [], [], []
+
+        def record(step, loss):
+            with torch.no_grad():
+                A = model.end_to_end().double().cpu()
+            times.append(step * lr)
+            svals.append(torch.linalg.svdvals(A)[: r + 2].tolist())
+            projs.append(torch.einsum("ji,jk,ki->i", U[:, :r], A, Vh[:r].T).tolist())
+            losses.append(loss)
+
+        every = max(1, steps // cfg.records)
+        gradient_descent(model, task["x"], task["y"], 0.0, lr, steps,
+                         record_at=set(range(min(steps, 50))) | set(range(0, steps, every)), record=record,
+                         progress=progress, desc="dln-saddle L=%d %s seed=%d" % (L, init, seed))
+        rise = _rise_times(torch.tensor(times), torch.tensor(projs), target)
+        change = float((model.layers.detach() - M0).norm() / M0.norm())
+        run = {"seed": seed, "L": L, "init": init, "lr": lr, "steps": steps, "seconds": time.perf_counter() - t,
+               "t": rounded(times), "singular_values": rounded(svals), "projections": rounded(projs),
+               "loss": rounded(losses),
+               "weight_change": change, "rise": rise, "summary": _saddle_summary(rise)}
+        sm = run["summary"]
+        log("dln-saddle seed=%d L=%d %-5s t50 %s  sequential %s  t50 spread %s  weight change %.3g  "
+            "final loss %.2g  (%d steps, %.1f s)"
+            % (seed, L, init, ", ".join("-" if v is None else "%.3g" % v for v in rise["t50"]),
+               sm.get("sequential"), "%.3g" % sm["t50_spread"] if sm["complete"] else "-", change,
+               losses[-1], steps, run["seconds"]))
+        return run
+
+    jobs = [Job("seed=%d L=%d %s" % (seed, L, init), cost=float(L * steps_lr(L, init)[0])) for seed, L, init in plan]
+    return run_jobs("dln-saddle", log_header("dln-saddle", quick, cfg, dtype, seeds), jobs, run_one, out=out,
+                    device=device, shard=shard, log=log, t0=t0)
 
 
 def plot_dln_saddle(data, out):
@@ -227,7 +238,7 @@ def plot_dln_saddle(data, out):
 
 
 EXPERIMENT = Experiment(
-    name="dln-saddle", run=run_dln_saddle, plot=lambda data, out, json_path: plot_dln_saddle(data, out),
+    name="dln-saddle", run=run_dln_saddle, finish=finisher("dln-saddle", plot_dln_saddle), plot=lambda data, out, json_path: plot_dln_saddle(data, out),
     fields=("config", "seeds", "runs"),
     matches=lambda data: data.get("experiment") == "dln-saddle",
     help="deep linear nets: singular values over gradient descent, small init (saddle to saddle) vs large init (lazy)",

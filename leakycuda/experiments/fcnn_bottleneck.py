@@ -7,8 +7,9 @@ import time
 import torch
 
 from . import plots
-from .common import (check_depths, check_nonnegative, check_positive, check_preset_run, check_values, checked_config, log_header,
-    plot_over_seeds, write_result)
+from .common import (check_depths, check_nonnegative, check_positive, check_preset_run, check_values, checked_config,
+    finisher, log_header, plot_over_seeds, run_jobs)
+from .distribute import Job, check_shard
 from .linear_nets import entropy_rank, fully_connected_resnet
 from .registry import Experiment
 from .. import _validate as check
@@ -77,7 +78,7 @@ def _spectrum_counts(X, rtol, rtol_small, top):
 
 
 def run_fcnn_bottleneck(out, *, quick=False, device="cpu", dtype=None, seeds=(0,), progress=None, log=print,
-                        config=None):
+                        config=None, shard=None):
     """fcnn-bottleneck: the number of large singular values of the representations of L2-regularized deep ReLU
     fully-connected nets against depth L, on :func:`leakycuda.data.bottleneck_task` (k* = min(inner)).
 
@@ -87,45 +88,56 @@ def run_fcnn_bottleneck(out, *, quick=False, device="cpu", dtype=None, seeds=(0,
     the count above rtol (and rtol_small); singular values of every M_l. Reported: the centered count at the middle
     layer X_{L//2} and the smallest count over the hidden layers X_1..X_{L-1}. dtype None: float32.
     Writes fcnn_bottleneck.json and fcnn_bottleneck.png to ``out``.
+    ``shard`` ("i/n"): only shard i of n of the runs, into a part file (leakycuda.experiments.distribute).
     """
     cfg = checked_config(config, FCNNBottleneckConfig, FCNN_BOTTLENECK, quick)
     out, device, dtype, seeds = check_preset_run(out, device, dtype or torch.float32, seeds)
+    shard = check_shard(shard)
     t0 = time.perf_counter()
-    data = log_header("fcnn-bottleneck", quick, cfg, device, dtype, seeds)
-    runs = []
-    for seed in seeds:
-        task = bottleneck_task(d=cfg.d, inner=cfg.inner, n_train=cfg.n_train, n_test=cfg.n_test, seed=seed,
-                               dtype=dtype, device=device)
-        data["task"] = task.describe()
-        for L in cfg.depths:
-            t = time.perf_counter()
-            torch.manual_seed(30_000 + 100 * seed + L)
-            model = fully_connected_resnet(cfg.d, cfg.d, cfg.width, L, device=device, dtype=dtype,
-                                           generator=torch.Generator().manual_seed(40_000 + 100 * seed + L))
-            result = fit(model, task, cfg.lam, adam_steps=cfg.adam_steps, adam_lr=cfg.lr * L, sgd_steps=0,
-                         log_every=max(1, cfg.adam_steps // 50), progress=progress,
-                         desc="fcnn-bottleneck L=%d seed=%d" % (L, seed))
-            with torch.no_grad():
-                xs = model.representations(task.x_train).double().cpu()
-                sv_m = torch.linalg.svdvals(model.weight.double().cpu() / L)[:, : cfg.top]
-            layers = [_spectrum_counts(X, cfg.rtol, cfg.rtol_small, cfg.top) for X in xs]
-            hidden = [layers[l]["centered"]["count"] for l in range(1, L)]
-            f = result.final
-            run = {"seed": seed, "L": L, "seconds": time.perf_counter() - t,
-                   "final": {k: f[k] for k in ("loss", "train_mse", "reg", "test_mse")},
-                   "history": [{k: h[k] for k in ("step", "loss", "train_mse", "reg", "test_mse")}
-                               for h in result.history],
-                   "layers": layers, "sv_m": sv_m.tolist(), "middle": L // 2,
-                   "count_middle": layers[L // 2]["centered"]["count"],
-                   "count_min_hidden": min(hidden) if hidden else None}
-            runs.append(run)
-            log("fcnn-bottleneck seed=%d L=%-2d train MSE %.3g test MSE %.3g reg %.3g  large singular values of "
-                "X_%d (centered, > %g max): %d; min over hidden layers %s; relative %s  (%.0f s)"
-                % (seed, L, f["train_mse"], f["test_mse"], f["reg"], L // 2, cfg.rtol, run["count_middle"],
-                   run["count_min_hidden"], " ".join("%.2g" % v for v in layers[L // 2]["centered"]["relative"][:6]),
-                   run["seconds"]))
-    data["runs"] = runs
-    return write_result("fcnn-bottleneck", data, out, plot_fcnn_bottleneck, t0, log)
+    plan = [(seed, L) for seed in seeds for L in cfg.depths]
+    tasks = {}
+
+    def task_of(seed):
+        if seed not in tasks:
+            tasks.clear()
+            tasks[seed] = bottleneck_task(d=cfg.d, inner=cfg.inner, n_train=cfg.n_train, n_test=cfg.n_test,
+                                          seed=seed, dtype=dtype, device=device)
+        return tasks[seed]
+
+    def run_one(i):
+        seed, L = plan[i]
+        task = task_of(seed)
+        t = time.perf_counter()
+        torch.manual_seed(30_000 + 100 * seed + L)
+        model = fully_connected_resnet(cfg.d, cfg.d, cfg.width, L, device=device, dtype=dtype,
+                                       generator=torch.Generator().manual_seed(40_000 + 100 * seed + L))
+        result = fit(model, task, cfg.lam, adam_steps=cfg.adam_steps, adam_lr=cfg.lr * L, sgd_steps=0,
+                     log_every=max(1, cfg.adam_steps // 50), progress=progress,
+                     desc="fcnn-bottleneck L=%d seed=%d" % (L, seed))
+        with torch.no_grad():
+            xs = model.representations(task.x_train).double().cpu()
+            sv_m = torch.linalg.svdvals(model.weight.double().cpu() / L)[:, : cfg.top]
+        layers = [_spectrum_counts(X, cfg.rtol, cfg.rtol_small, cfg.top) for X in xs]
+        hidden = [layers[l]["centered"]["count"] for l in range(1, L)]
+        f = result.final
+        run = {"seed": seed, "L": L, "seconds": time.perf_counter() - t,
+               "final": {k: f[k] for k in ("loss", "train_mse", "reg", "test_mse")},
+               "history": [{k: h[k] for k in ("step", "loss", "train_mse", "reg", "test_mse")}
+                           for h in result.history],
+               "layers": layers, "sv_m": sv_m.tolist(), "middle": L // 2,
+               "count_middle": layers[L // 2]["centered"]["count"],
+               "count_min_hidden": min(hidden) if hidden else None}
+        log("fcnn-bottleneck seed=%d L=%-2d train MSE %.3g test MSE %.3g reg %.3g  large singular values of "
+            "X_%d (centered, > %g max): %d; min over hidden layers %s; relative %s  (%.0f s)"
+            % (seed, L, f["train_mse"], f["test_mse"], f["reg"], L // 2, cfg.rtol, run["count_middle"],
+               run["count_min_hidden"], " ".join("%.2g" % v for v in layers[L // 2]["centered"]["relative"][:6]),
+               run["seconds"]))
+        return run
+
+    header = log_header("fcnn-bottleneck", quick, cfg, dtype, seeds)
+    header["task"] = task_of(seeds[-1]).describe()  # the task of the last seed (the others differ in "seed" only)
+    jobs = [Job("seed=%d L=%d" % (seed, L), cost=float(L * cfg.adam_steps)) for seed, L in plan]
+    return run_jobs("fcnn-bottleneck", header, jobs, run_one, out=out, device=device, shard=shard, log=log, t0=t0)
 
 
 def plot_fcnn_bottleneck(data, out):
@@ -177,7 +189,7 @@ def plot_fcnn_bottleneck(data, out):
 
 
 EXPERIMENT = Experiment(
-    name="fcnn-bottleneck", run=run_fcnn_bottleneck,
+    name="fcnn-bottleneck", run=run_fcnn_bottleneck, finish=finisher("fcnn-bottleneck", plot_fcnn_bottleneck),
     plot=lambda data, out, json_path: plot_fcnn_bottleneck(data, out), fields=("config", "seeds", "runs"),
     matches=lambda data: data.get("experiment") == "fcnn-bottleneck",
     help="deep ReLU fully-connected nets (rho * Lt = 1) with L2: large singular values of the middle "

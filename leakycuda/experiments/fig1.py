@@ -7,11 +7,11 @@ import torch
 
 from . import plots
 from .registry import Experiment
-from .sweep import (RunConfig, check_run, convergence_summary, dump_json, file_names, final_losses, layer_stats, overshoot_note,
-    rank_summary, train_runs)
-from .._env import machine_info
+from .distribute import check_shard, execute
+from .sweep import (RunConfig, check_run, convergence_summary, dump_json, file_names, final_losses, layer_stats,
+    overshoot_note, rank_summary, sweep_jobs, sweep_train)
 
-__all__ = ["FIG1", "plot_fig1", "run_fig1"]
+__all__ = ["FIG1", "finish_fig1", "plot_fig1", "run_fig1"]
 
 
 # Figure 1: the 30 -> 3 -> 30 task, L = 20 equidistant layers, a sweep over Lt.
@@ -25,7 +25,7 @@ FIG1 = {
 
 
 def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,), Lts=None, overrides=None,
-             progress=None, log=print, sequential=False):
+             progress=None, log=print, sequential=False, shard=None):
     """Fig. 1a: sweep Lt at L = 20 on the 30 -> 3 -> 30 task; rank estimates and min COI against Lt.
 
     Writes ``fig1.json`` (config, machine, per run: final losses, rank summary and per-layer stats) and
@@ -33,11 +33,16 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
     Every Lt x seed trains at once as one ensemble (:func:`train_runs`; with continuation in Lt, one
     ensemble of the cold starts, then one of the seeds per warm-started Lt); ``sequential=True``
     trains them one at a time (the same numbers up to float rounding).
+
+    ``shard`` ("i/n" or (i, n)): train only shard i of n of the runs and write its part file under ``out``/parts
+    (``leakycuda merge`` joins the parts into fig1.json); returns None then. Under ``torchrun`` the runs are spread
+    over the ranks the same way and rank 0 writes fig1.json (leakycuda.experiments.distribute).
     """
     preset = FIG1["quick" if quick else "paper"]
     cfg = dataclasses.replace(preset["config"], **(overrides or {}))
     cfg, out, seeds, device, dtype, sweep = check_run(cfg, out, seeds=seeds, device=device, dtype=dtype,
                                                       Lts=preset["Lts"] if Lts is None else Lts)
+    shard = check_shard(shard)
     Lts = sweep["Lts"]
     t0 = time.perf_counter()
     plan, previous = [], {}
@@ -47,32 +52,39 @@ def run_fig1(out, *, quick=False, device="cpu", dtype=torch.float32, seeds=(0,),
             start = previous.get(seed) if Lt >= c.continue_above else None  # warm start from the previous Lt
             previous[seed] = len(plan)
             plan.append((c, seed, "fig1 Lt=%g seed=%d" % (Lt, seed), start))
-    runs, order = [], []
 
-    def done(i, model, task, result, extra, seconds):
+    def record(i, model, task, result, extra, seconds):
         (c, seed, _, start), t = plan[i], time.perf_counter()
         stats = layer_stats(model, task.x_train, c.gamma0, top=20)
         summary = rank_summary(stats)
-        order.append(i)
-        runs.append({"Lt": c.Lt, "seed": seed, "init": "warm start" if start is not None else c.resolved_init(),
-                     "seconds": seconds + time.perf_counter() - t, "final": final_losses(result),
-                     "max_rho_Lt": result.max_rho_Lt, "summary": summary, "layers": stats,
-                     "convergence": convergence_summary(model, task, c.lam), **extra})
+        run = {"Lt": c.Lt, "seed": seed, "init": "warm start" if start is not None else c.resolved_init(),
+               "seconds": 0.0, "final": final_losses(result), "max_rho_Lt": result.max_rho_Lt, "summary": summary,
+               "layers": stats, "convergence": convergence_summary(model, task, c.lam), **extra}
+        run["seconds"] = seconds + time.perf_counter() - t
         log("fig1 Lt=%-4g seed=%d  test MSE %.4g  -2H/Lt median %.3f [min %.3f, max %.3f]  min COI %.3f  "
             "stationarity %.2g  (%.0f s)%s"
             % (c.Lt, seed, result.final["test_mse"], summary["rank_median"], summary["rank_min"],
-               summary["rank_max"], summary["coi_min"], runs[-1]["convergence"]["stationarity_max"],
-               runs[-1]["seconds"], overshoot_note(result)))
+               summary["rank_max"], summary["coi_min"], run["convergence"]["stationarity_max"], run["seconds"],
+               overshoot_note(result)))
+        return run
 
-    train_runs(plan, done, device=device, dtype=dtype, progress=progress, sequential=sequential)
-    runs[:] = [r for _, r in sorted(zip(order, runs), key=lambda p: p[0])]  # plan order (Lt, then seed)
-    data = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
-            "machine": machine_info(device), "seconds": time.perf_counter() - t0, "runs": runs}
+    header = {"figure": "fig1", "quick": quick, "config": dataclasses.asdict(cfg), "Lts": list(Lts), "seeds": seeds,
+              "dtype": str(dtype).replace("torch.", "")}
+    train = sweep_train(plan, record, device=device, dtype=dtype, progress=progress, sequential=sequential)
+    return execute("fig1", header, sweep_jobs(plan), train, out=out, device=device, shard=shard, log=log, t0=t0)
+
+
+def finish_fig1(header, runs, *, out, log=print, machine=None, seconds=0.0, parts=None):
+    """Writes fig1.json and the PNGs from the run's header and its runs in plan order (Lt, then seed); returns
+    {"runs", "files"}."""
+    data = dict(header, machine=machine, seconds=seconds, runs=runs)
+    if parts is not None:
+        data["parts"] = parts
     files = plot_fig1(data, out)
     files["json"] = os.path.join(out, "fig1.json")
     data["files"] = file_names(files)
     dump_json(data, files["json"])
-    log("fig1: wrote %s (%.0f s)" % (", ".join(files.values()), time.perf_counter() - t0))
+    log("fig1: wrote %s (%.0f s)" % (", ".join(files.values()), seconds))
     return {"runs": runs, "files": files}
 
 
@@ -97,7 +109,7 @@ def plot_fig1(data, out):
 
 
 EXPERIMENT = Experiment(
-    name="fig1", run=run_fig1, kind="sweep", plot=lambda data, out, json_path: plot_fig1(data, out),
+    name="fig1", run=run_fig1, finish=finish_fig1, kind="sweep", plot=lambda data, out, json_path: plot_fig1(data, out),
     fields=("config", "Lts", "runs"),
     matches=lambda data: data.get("figure") == "fig1",
     help="the paper's Figure 1: the bottleneck rank as Lt grows (30 -> 3 -> 30 task, L = 20)",

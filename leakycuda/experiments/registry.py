@@ -17,8 +17,10 @@ __all__ = ["Experiment", "experiments", "get", "read_json", "replot"]
 class Experiment:
     """One experiment: ``leakycuda reproduce NAME`` (``leakycuda demo`` for the demo) and its replot.
 
-    ``run(out, *, quick, device, dtype, seeds, progress, ...)`` trains, measures and writes ``out``/NAME.json and
-    the PNGs; ``plot(data, out, json_path)`` redraws the PNGs from that JSON; ``matches(data)`` says whether a
+    ``run(out, *, quick, device, dtype, seeds, progress, shard, ...)`` trains, measures and writes ``out``/NAME.json
+    and the PNGs (on a shard, or a rank of a ``torchrun`` launch, its share of the runs: leakycuda.experiments.
+    distribute); ``finish(header, records, *, out, log, machine, seconds, parts)`` writes the JSON and the PNGs from
+    the run's header and its per-run records (what a run and ``leakycuda merge`` end with); ``plot(data, out, json_path)`` redraws the PNGs from that JSON; ``matches(data)`` says whether a
     result JSON is this experiment's, ``fields`` the fields its plot needs. ``kind``: "preset" (fixed full and quick forms), "sweep" (the paper's
     figures: sweeps with the run settings as command-line overrides) or "demo". ``full`` and ``quick`` say what
     the two forms run.
@@ -33,6 +35,7 @@ class Experiment:
     fields: tuple = ()
     full: str = ""
     quick: str = ""
+    finish: Callable = None
 
 
 _REGISTRY = {}

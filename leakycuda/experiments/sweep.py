@@ -21,7 +21,7 @@ from ..train import DIVERGE_FACTOR, DivergenceError, _divergence_error, fit
 
 __all__ = ["ENSEMBLE_SHARED", "RunConfig", "TASK_D", "check_run", "check_stable", "convergence_summary", "dump_json",
            "file_names", "final_losses", "layer_stats", "layer_table", "make_task", "overshoot_note", "plain_floats",
-           "rank_summary", "train_and_refine", "train_run", "train_runs"]
+           "rank_summary", "sweep_jobs", "sweep_train", "train_and_refine", "train_run", "train_runs"]
 
 
 @dataclasses.dataclass
@@ -251,6 +251,30 @@ def train_runs(plan, done, *, device="cpu", dtype=torch.float32, progress=None, 
         trained.update(group)
         for i in index:  # reported now, not after the whole sweep: a long sweep shows its results as it goes
             done(i, *group[i])
+
+
+def sweep_jobs(plan):
+    """The :class:`~leakycuda.experiments.distribute.Job` of each run of a :func:`train_runs` plan: its desc as the
+    key, layers x steps as the cost, and the desc of the run it warm-starts from."""
+    from .distribute import Job
+
+    return [Job(desc, cost=float(cfg.depth * ((cfg.continue_steps if start is not None else cfg.adam_steps)
+                                              + cfg.sgd_steps + cfg.refine_steps)),
+                after=None if start is None else plan[start][2]) for cfg, _, desc, start in plan]
+
+
+def sweep_train(plan, record, **options):
+    """The ``train(indices, emit)`` of a :func:`train_runs` plan for leakycuda.experiments.distribute: trains the
+    runs ``indices`` (whole warm-start chains) with :func:`train_runs` (``options``: device, dtype, progress,
+    sequential, pad_depths) and emits ``record(i, model, task, result, extra, seconds)`` for each."""
+
+    def train(indices, emit):
+        where = {i: k for k, i in enumerate(indices)}
+        sub = [(cfg, seed, desc, None if start is None else where[start])
+               for cfg, seed, desc, start in (plan[i] for i in indices)]
+        train_runs(sub, lambda k, *trained: emit(indices[k], record(indices[k], *trained)), **options)
+
+    return train
 
 
 def _train_group(runs, index, starts, device, dtype, progress):
