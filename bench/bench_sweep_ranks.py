@@ -4,6 +4,7 @@ total (JSON + table): `leakycuda reproduce EXPERIMENT --quick --seeds S`.
 Variants, each a child process (``--rounds`` rounds, alternating the order; wall seconds, and the CPU seconds of
 the children):
 - one process: OMP_NUM_THREADS = K (torch's intra-op threads over the whole ensemble);
+- one process, one thread: the serial baseline (how well the one process's threads scale);
 - K ranks: ``python -m torch.distributed.run --standalone --nproc-per-node K -m leakycuda reproduce ...``, gloo,
   OMP_NUM_THREADS = 1 in each rank (leakycuda.experiments.distribute: the runs split by cost, each rank trains its
   share as one ensemble, rank 0 writes the one result).
@@ -76,11 +77,12 @@ def main():
              "--no-progress"] + (TINY if args.tiny else [])
     K = args.ranks
     variants = {"one process": ([sys.executable, "-m", "leakycuda"], K),
+                "one process, 1 thread": ([sys.executable, "-m", "leakycuda"], 1),
                 "%d ranks" % K: ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                   str(K), "-m", "leakycuda"], 1)}
     walls = {v: [] for v in variants}
     cpus = {v: [] for v in variants}
-    results = {}
+    results, inside = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
@@ -99,22 +101,29 @@ def main():
                 cpus[name].append(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)
                 print("%s round %d: %.1f s wall, %.1f s CPU" % (name, r, wall, cpus[name][-1]), flush=True)
                 results.setdefault(name, _json.load(os.path.join(out, "%s.json" % args.experiment.replace("-", "_"))))
-    one, ranks = list(variants)
+                inside.setdefault(name, []).append(results[name]["seconds"] if r == 0 else _json.load(
+                    os.path.join(out, "%s.json" % args.experiment.replace("-", "_")))["seconds"])
+    one, serial, ranks = list(variants)
     row = "reproduce %s --quick --seeds %d" % (args.experiment, args.seeds)
-    rows = [{"row": row, "variant": v, "threads": "%d x %d" % ((1, K) if v == one else (K, 1)),
+    rows = [{"row": row, "variant": v, "threads": "%d x %d" % ((1, K) if v == one else (1, 1) if v == serial else (K, 1)),
              "wall_s": statistics.median(walls[v]), "walls_s": walls[v], "cpu_s": statistics.median(cpus[v]),
-             "cpus_s": cpus[v]} for v in variants]
+             "cpus_s": cpus[v], "inside_s": statistics.median(inside[v])} for v in variants]
     parts = results[ranks].get("parts", [])
     rows.append({"row": row, "variant": "%s vs %s" % (ranks, one),
                  "speedup": statistics.median(walls[one]) / statistics.median(walls[ranks]),
                  "max_rel_diff": max_rel_diff(results[one], results[ranks]),
                  "runs_per_rank": [p["jobs"] for p in parts], "rank_seconds": [p["seconds"] for p in parts]})
+    rows.append({"row": row, "variant": "%s vs %s (thread scaling)" % (one, serial),
+                 "speedup": statistics.median(walls[serial]) / statistics.median(walls[one]),
+                 "max_rel_diff": max_rel_diff(results[serial], results[one])})
     print()
     print_table(rows, [("variant", "variant", "{}"), ("threads", "procs x threads", "{}"), ("wall_s", "wall s", "{:.1f}"),
-                       ("cpu_s", "CPU s", "{:.1f}"), ("speedup", "speedup", "{:.2f}x"),
+                       ("cpu_s", "CPU s", "{:.1f}"),
+                       ("inside_s", "in run s", "{:.1f}"), ("speedup", "speedup", "{:.2f}x"),
                        ("max_rel_diff", "max rel diff", "{:.1e}")])
-    print("runs per rank %s, their training seconds %s" % (rows[-1]["runs_per_rank"],
-                                                          ["%.1f" % s for s in rows[-1]["rank_seconds"]]))
+    print("runs per rank %s, their training seconds %s" % (rows[-2]["runs_per_rank"],
+                                                          ["%.1f" % s for s in rows[-2]["rank_seconds"]]))
+    print("in run s: the result's own wall time (training, measuring, plotting; not the imports or the launcher)")
     out = args.out or os.path.join(ROOT, "bench", "results", "sweep_ranks_%s_%s.json"
                                    % (args.device.split(":")[0], time.strftime("%Y%m%d-%H%M%S")))
     write_json(out, {"bench": "sweep_ranks", "machine": machine_info(args.device), "command": flags,
