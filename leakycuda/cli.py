@@ -505,7 +505,8 @@ def build_parser():
     r.add_argument("--pad-depths", action="store_true",
                    help="fig2: train every depth in one ensemble, the shallower stacks padded with identity layers "
                         "(rho_l = 0; default: one ensemble per depth)")
-    _add_run_options(r, "the paper's: width 100, 1000 points, 5000 Adam + 1000 SGD steps, lam 1e-2")
+    _add_run_options(r, "the paper's size: width 100, 1000 points, 5000 Adam + 1000 SGD steps; lam 1e-2, ten "
+                        "times the paper's lambda = 0.001 (docs/results.md)")
     r.set_defaults(func=_cmd_reproduce, prepare=_prepare_reproduce)
 
     m = sub.add_parser("merge", help="join the part files of 'reproduce ... --shard I/N' into the experiment's JSON "
