@@ -27,21 +27,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import machine_info, print_table, write_json  # noqa: E402
+from bench_ensemble import _leaves  # noqa: E402
 from leakycuda import _json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps", "12", "--sgd-steps", "4", "--width", "6", "--n-train", "24", "--n-test", "8"]
-
-
-def _leaves(obj, prefix=""):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _leaves(v, "%s/%s" % (prefix, k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _leaves(v, "%s/%d" % (prefix, i))
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield prefix, float(obj)
 
 
 def max_rel_diff(a, b, fields=("final", "summary")):
